@@ -1,0 +1,834 @@
+//! The command line: argument parsing, progress, tables and exit codes (0 ok, 1 some object
+//! failed or deprovisioning was held back, 2 bad usage or config). Business rules live in the
+//! library modules; this file only wires and prints.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::Value;
+
+use crate::config::{Config, ConfigError, TargetConfig};
+use crate::directory::{self, Kind, Record};
+use crate::mapping::{MapOutcome, Mappings, TargetInfo};
+use crate::sandbox::{self, SandboxOptions};
+use crate::store::Store;
+use crate::sync::{Engine, NoProgress, Progress, RunSummary, SyncOptions};
+use crate::target::TargetClient;
+
+#[derive(Parser)]
+#[command(
+    name = "scimsync",
+    version,
+    about = "Outbound SCIM 2.0 provisioning worker"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "SCIMSYNC_CONFIG",
+        default_value = "scimsync.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sync now: everything (--full) or one object (--user / --group).
+    Sync(SyncArgs),
+    /// Show what a full sync would send, without sending it or changing state.
+    Plan {
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Import or export the directory (JSON Lines).
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
+    /// Try the mapping scripts.
+    #[command(subcommand)]
+    Mapping(MappingCommand),
+    /// Reach each target and print what it supports.
+    Check {
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Recent runs and the objects currently failing.
+    Status {
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Apply database migrations (every command applies them too).
+    Migrate,
+    /// Run a local in-memory SCIM 2.0 service provider.
+    Sandbox {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[arg(long, value_enum, default_value_t = Profile::Default)]
+        profile: Profile,
+        /// Bearer token the sandbox requires (none: open).
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// A first run: a sandbox, a sample directory in a fresh SQLite file, one full sync.
+    Demo {
+        /// Keep the demo's database and mappings in this directory (default: a temporary one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Users in the sample directory.
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false, id = "what")]
+struct What {
+    /// Every object of every target.
+    #[arg(long)]
+    full: bool,
+    /// One user, by directory id.
+    #[arg(long)]
+    user: Option<String>,
+    /// One group, by directory id.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    #[command(flatten)]
+    what: What,
+    #[arg(long)]
+    target: Option<String>,
+    /// Send no mutating request and change no state.
+    #[arg(long)]
+    dry_run: bool,
+    /// Let this run deprovision past the deletion guard.
+    #[arg(long)]
+    allow_deletions: bool,
+}
+
+#[derive(Subcommand)]
+enum DirectoryCommand {
+    /// Upsert objects from a JSON Lines file (`-` for stdin), in one transaction.
+    Import {
+        file: PathBuf,
+        /// Delete directory objects absent from the file.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Print the directory as JSON Lines.
+    Export,
+}
+
+#[derive(Subcommand)]
+enum MappingCommand {
+    /// Print the validated SCIM resource the mappings produce for one object.
+    Test {
+        #[arg(long)]
+        target: String,
+        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
+        user: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Profile {
+    Default,
+}
+
+/// Errors that mean "bad usage or config" (exit 2) rather than "something failed" (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SCIMSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<ConfigError>().is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Sandbox {
+            listen,
+            profile: Profile::Default,
+            token,
+        } => run_sandbox(&listen, token).await,
+        Command::Demo { dir, users } => demo(dir, users).await,
+        command => {
+            let cfg = Config::load(&cli.config)?;
+            let store = Store::connect(&cfg.database.url)
+                .await
+                .with_context(|| format!("database {}", redact_url(&cfg.database.url)))?;
+            let code = with_store(command, &cfg, &store).await;
+            store.close().await;
+            code
+        }
+    }
+}
+
+async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<ExitCode> {
+    match command {
+        Command::Sync(args) => {
+            let opts = SyncOptions {
+                dry_run: args.dry_run,
+                allow_deletions: args.allow_deletions,
+                batch_size: cfg.worker.batch_size,
+                trace: !args.what.full,
+                trigger: "cli".into(),
+            };
+            let targets = select_targets(cfg, args.target.as_deref())?;
+            if args.what.full {
+                full_sync(store, &targets, opts).await
+            } else {
+                let (kind, id) = match (&args.what.user, &args.what.group) {
+                    (Some(u), _) => (Kind::User, u.clone()),
+                    (_, Some(g)) => (Kind::Group, g.clone()),
+                    _ => return Err(UsageError("one of --full, --user, --group".into()).into()),
+                };
+                sync_one(store, &targets, kind, &id, opts).await
+            }
+        }
+        Command::Plan { target, format } => {
+            let targets = select_targets(cfg, target.as_deref())?;
+            let opts = SyncOptions {
+                dry_run: true,
+                batch_size: cfg.worker.batch_size,
+                trigger: "plan".into(),
+                ..Default::default()
+            };
+            plan(store, &targets, opts, format).await
+        }
+        Command::Directory(DirectoryCommand::Import { file, prune }) => {
+            import(store, &file, prune).await
+        }
+        Command::Directory(DirectoryCommand::Export) => export(store).await,
+        Command::Mapping(MappingCommand::Test {
+            target,
+            user,
+            group,
+        }) => mapping_test(store, cfg, &target, user, group).await,
+        Command::Check { target } => check(&select_targets(cfg, target.as_deref())?).await,
+        Command::Status { target } => status(store, target.as_deref()).await,
+        Command::Migrate => {
+            println!("database is migrated ({})", store.backend_name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox { .. } | Command::Demo { .. } => unreachable!("handled before"),
+    }
+}
+
+fn select_targets(cfg: &Config, name: Option<&str>) -> Result<Vec<TargetConfig>> {
+    match name {
+        Some(n) => cfg.target(n).cloned().map(|t| vec![t]).ok_or_else(|| {
+            let known: Vec<&str> = cfg.targets.iter().map(|t| t.name.as_str()).collect();
+            UsageError(format!("no target named {n:?} (configured: {known:?})")).into()
+        }),
+        None if cfg.targets.is_empty() => {
+            Err(UsageError("the config has no [[target]]".into()).into())
+        }
+        None => Ok(cfg.targets.clone()),
+    }
+}
+
+fn load_mappings(t: &TargetConfig) -> Result<Mappings> {
+    Mappings::load(&t.mappings).map_err(|e| UsageError(format!("target {:?}: {e}", t.name)).into())
+}
+
+async fn engine(store: &Store, t: &TargetConfig, opts: SyncOptions) -> Result<Engine> {
+    let mappings = load_mappings(t)?;
+    let client = TargetClient::new(t).map_err(|e| UsageError(e.to_string()))?;
+    Ok(Engine::new(store.clone(), Arc::new(client), t.clone(), mappings, opts).await)
+}
+
+async fn full_sync(store: &Store, targets: &[TargetConfig], opts: SyncOptions) -> Result<ExitCode> {
+    let progress = TermProgress::new();
+    let mut summaries = Vec::new();
+    for t in targets {
+        let e = engine(store, t, opts.clone()).await?;
+        summaries.push(e.full_sync(&progress).await?);
+    }
+    print_summaries(&summaries, opts.dry_run);
+    Ok(exit_for(&summaries))
+}
+
+fn exit_for(summaries: &[RunSummary]) -> ExitCode {
+    if summaries.iter().all(RunSummary::is_clean) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn print_summaries(summaries: &[RunSummary], dry_run: bool) {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+        "target",
+        "created",
+        "updated",
+        "unchanged",
+        "deleted",
+        "skipped",
+        "failed",
+        "requests",
+    ]);
+    for s in summaries {
+        table.add_row(vec![
+            s.target.clone(),
+            s.created.to_string(),
+            s.updated.to_string(),
+            s.unchanged.to_string(),
+            s.deleted.to_string(),
+            s.skipped.to_string(),
+            s.failed.to_string(),
+            s.requests.to_string(),
+        ]);
+    }
+    if dry_run {
+        println!("dry run: nothing was sent and no state changed; counts are what a sync would do");
+    }
+    println!("{table}");
+    for s in summaries {
+        for (kind, id, err) in s.failures.iter().take(20) {
+            println!("failed: {}: {kind} {id}: {err}", s.target);
+        }
+        if s.failures.len() > 20 {
+            println!(
+                "... and {} more failures (scimsync status)",
+                s.failures.len() - 20
+            );
+        }
+        if let Some(why) = &s.held_back {
+            println!("{}: {why}", s.target);
+        }
+    }
+}
+
+async fn sync_one(
+    store: &Store,
+    targets: &[TargetConfig],
+    kind: Kind,
+    id: &str,
+    opts: SyncOptions,
+) -> Result<ExitCode> {
+    let mut ok = true;
+    for t in targets {
+        let e = engine(store, t, opts.clone()).await?;
+        let r = e.sync_one(kind, id).await?;
+        println!("== target {}: {kind} {id}", t.name);
+        for s in &r.steps {
+            println!("  {s}");
+        }
+        println!("  => {:?}: {}", r.action, r.detail);
+        ok &= r.action != crate::sync::Action::Failed;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn plan(
+    store: &Store,
+    targets: &[TargetConfig],
+    opts: SyncOptions,
+    format: Format,
+) -> Result<ExitCode> {
+    let mut summaries = Vec::new();
+    for t in targets {
+        let e = engine(store, t, opts.clone()).await?;
+        summaries.push(e.full_sync(&NoProgress).await?);
+    }
+    if format == Format::Json {
+        let out: Vec<Value> = summaries
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "target": s.target,
+                    "requests": s.planned.iter().map(redacted).collect::<Vec<_>>(),
+                    "held_back": s.held_back,
+                    "failures": s.failures,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for s in &summaries {
+            println!("target {}: {} request(s)", s.target, s.planned.len());
+            for p in &s.planned {
+                let p = redacted(p);
+                let marker = if p["method"] == "DELETE" { "!" } else { " " };
+                let body = p.get("body").map(Value::to_string).unwrap_or_default();
+                println!(
+                    "{marker} {} {} {body}",
+                    p["method"].as_str().unwrap_or(""),
+                    p["path"].as_str().unwrap_or("")
+                );
+            }
+        }
+        print_summaries(&summaries, true);
+    }
+    Ok(exit_for(&summaries))
+}
+
+/// A planned request as JSON, with any `password` value hidden.
+fn redacted(p: &crate::sync::PlannedRequest) -> Value {
+    fn scrub(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    if k.eq_ignore_ascii_case("password") {
+                        *x = Value::String("<redacted>".into());
+                    } else {
+                        scrub(x);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(scrub),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+    scrub(&mut v);
+    v
+}
+
+async fn import(store: &Store, file: &Path, prune: bool) -> Result<ExitCode> {
+    let name = file.display().to_string();
+    let reader: Box<dyn BufRead> = if name == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let f = std::fs::File::open(file).with_context(|| format!("cannot open {name}"))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut records = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("{name}: line {}", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec = directory::parse_record(&line)
+            .map_err(|e| anyhow!("{name}: line {}: {e}; nothing was imported", i + 1))?;
+        records.push((i + 1, rec));
+    }
+    let s = store
+        .import(&records, prune)
+        .await
+        .map_err(|e| anyhow!("{name}: {e}; nothing was imported"))?;
+    println!(
+        "imported {name}: {} user(s) and {} group(s) changed, {} unchanged, {} deleted",
+        s.users_changed, s.groups_changed, s.unchanged, s.deleted
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(store: &Store) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    // The export names no target: the state columns it joins are ignored.
+    let mut after = String::new();
+    loop {
+        let batch = store.user_batch("", &after, 1000).await?;
+        let Some((last, _)) = batch.last() else { break };
+        after = last.id.clone();
+        for (u, _) in &batch {
+            writeln!(out, "{}", directory::export_user(u))?;
+        }
+    }
+    let mut after = String::new();
+    loop {
+        let batch = store.group_batch("", &after, 1000).await?;
+        let Some((last, _, _)) = batch.last() else {
+            break;
+        };
+        after = last.id.clone();
+        for (g, _, _) in &batch {
+            writeln!(out, "{}", directory::export_group(g))?;
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn mapping_test(
+    store: &Store,
+    cfg: &Config,
+    target: &str,
+    user: Option<String>,
+    group: Option<String>,
+) -> Result<ExitCode> {
+    let t = select_targets(cfg, Some(target))?.remove(0);
+    let m = load_mappings(&t)?;
+    let info = TargetInfo {
+        name: t.name.clone(),
+        compatibility: t.compatibility.to_string(),
+    };
+    let (kind, outcome) = match (user, group) {
+        (Some(id), _) => {
+            let (u, _) = store
+                .user(&t.name, &id)
+                .await?
+                .ok_or_else(|| anyhow!("no user {id:?} in the directory"))?;
+            (Kind::User, m.map_user(&u, &info))
+        }
+        (_, Some(id)) => {
+            let (g, _, _) = store
+                .group(&t.name, &id)
+                .await?
+                .ok_or_else(|| anyhow!("no group {id:?} in the directory"))?;
+            (Kind::Group, m.map_group(&g, &info))
+        }
+        _ => return Err(UsageError("--user or --group".into()).into()),
+    };
+    match outcome {
+        Ok(MapOutcome::Resource(doc)) => match crate::scim::validate(kind, &doc) {
+            Ok(()) => {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(v) => {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+                eprintln!("invalid {kind} resource:");
+                for e in v {
+                    eprintln!("  {e}");
+                }
+                Ok(ExitCode::from(1))
+            }
+        },
+        Ok(MapOutcome::Skip { script, reason }) => {
+            println!("skipped by {script}: {reason}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("mapping error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn check(targets: &[TargetConfig]) -> Result<ExitCode> {
+    let mut ok = true;
+    for t in targets {
+        let client = TargetClient::new(t).map_err(|e| UsageError(e.to_string()))?;
+        println!("target {} ({})", t.name, t.url);
+        match client.service_provider_config().await {
+            Ok(spc) => {
+                let c = crate::scim::Capabilities::from_spc(&spc);
+                println!(
+                    "  ServiceProviderConfig: patch={} filter={} (maxResults {}) bulk={} etag={}",
+                    c.patch, c.filter, c.filter_max_results, c.bulk, c.etag
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("  ServiceProviderConfig: {e}");
+            }
+        }
+        for what in ["ResourceTypes", "Schemas"] {
+            match client.discovery(what).await {
+                Ok(v) => {
+                    let names: Vec<String> = v
+                        .get("Resources")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|r| r.get("name").or(r.get("id")))
+                                .filter_map(Value::as_str)
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    println!("  {what}: {}", names.join(", "));
+                }
+                Err(e) => println!("  {what}: {e}"),
+            }
+        }
+        // An authenticated read proves the credentials, which discovery may not need.
+        match client.list(Kind::User, 1, 1).await {
+            Ok(_) => println!("  authenticated read of /Users: ok"),
+            Err(e) => {
+                ok = false;
+                println!("  authenticated read of /Users: {e}");
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn status(store: &Store, target: Option<&str>) -> Result<ExitCode> {
+    let runs = store.recent_runs(target, 10).await?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+        "run",
+        "target",
+        "trigger",
+        "started (UTC)",
+        "seconds",
+        "status",
+        "created",
+        "updated",
+        "unchanged",
+        "deleted",
+        "skipped",
+        "failed",
+    ]);
+    for r in &runs {
+        let secs = r
+            .finished_at
+            .map(|f| format!("{:.1}", (f - r.started_at) as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        table.add_row(vec![
+            r.id.to_string(),
+            r.target.clone(),
+            r.trigger.clone(),
+            format_ms(r.started_at),
+            secs,
+            r.status.clone(),
+            r.created.to_string(),
+            r.updated.to_string(),
+            r.unchanged.to_string(),
+            r.deleted.to_string(),
+            r.skipped.to_string(),
+            r.failed.to_string(),
+        ]);
+    }
+    println!("recent runs:\n{table}");
+    for r in runs.iter().filter(|r| r.detail.is_some()) {
+        println!("run {}: {}", r.id, r.detail.as_deref().unwrap_or(""));
+    }
+    let failing = store.failing(target).await?;
+    if failing.is_empty() {
+        println!("no object is failing");
+    } else {
+        println!("failing objects:");
+        for f in &failing {
+            println!(
+                "  {} {} {} (attempts {}, last {}): {}",
+                f.target,
+                f.kind,
+                f.local_id,
+                f.attempts,
+                format_ms(f.updated_at),
+                f.last_error.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn format_ms(ms: i64) -> String {
+    crate::clock::rfc3339(ms).replace('T', " ").replace('Z', "")
+}
+
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn run_sandbox(listen: &str, token: Option<String>) -> Result<ExitCode> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| UsageError(format!("cannot listen on {listen}: {e}")))?;
+    let h = sandbox::serve(listener, SandboxOptions { token, patch: true }).await?;
+    println!("SCIM sandbox listening: {}", h.url);
+    println!("stop with Ctrl-C");
+    wait_for_shutdown().await;
+    h.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_shutdown() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn demo(dir: Option<PathBuf>, users: usize) -> Result<ExitCode> {
+    let tmp;
+    let dir = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            d
+        }
+        None => {
+            tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let db = dir.join("demo.db");
+    if db.exists() {
+        return Err(UsageError(format!(
+            "{} exists; the demo wants a fresh database",
+            db.display()
+        ))
+        .into());
+    }
+    for (kind, (name, text)) in [
+        ("user", crate::mapping::DEFAULT_USER_SCRIPT),
+        ("group", crate::mapping::DEFAULT_GROUP_SCRIPT),
+    ] {
+        let d = dir.join("mappings").join(kind);
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join(name), text)?;
+    }
+    let token = uuid::Uuid::new_v4().to_string();
+    let sb = sandbox::start(SandboxOptions {
+        token: Some(token.clone()),
+        patch: true,
+    })
+    .await?;
+    println!("1. sandbox SCIM service provider on {}", sb.url);
+    let store = Store::connect(&format!("sqlite://{}", db.display())).await?;
+    let groups = (users / 20).max(1);
+    let records: Vec<(usize, Record)> = directory::sample(users, groups, 20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| (i + 1, r))
+        .collect();
+    store.import(&records, false).await?;
+    println!(
+        "2. sample directory: {users} users (every 10th a service account, excluded by default) and {groups} groups in {}",
+        db.display()
+    );
+    let mut t = TargetConfig::new("sandbox", &sb.url, Some(token));
+    t.mappings = dir.join("mappings");
+    let opts = SyncOptions {
+        batch_size: 100,
+        trigger: "demo".into(),
+        ..Default::default()
+    };
+    println!("3. full sync:");
+    let e = engine(&store, &t, opts.clone()).await?;
+    let first = e.full_sync(&TermProgress::new()).await?;
+    print_summaries(std::slice::from_ref(&first), false);
+    println!("4. a few resources as the sandbox stored them:");
+    for u in sb.users().iter().take(2) {
+        println!("{}", serde_json::to_string_pretty(u)?);
+    }
+    if let Some(g) = sb.groups().first() {
+        let mut g = g.clone();
+        if let Some(m) = g.get_mut("members").and_then(Value::as_array_mut) {
+            let n = m.len();
+            m.truncate(3);
+            if n > 3 {
+                m.push(Value::String(format!("... {} more", n - 3)));
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&g)?);
+    }
+    println!("5. a second full sync converges: nothing changed, so nothing is sent:");
+    let second = e.full_sync(&NoProgress).await?;
+    print_summaries(std::slice::from_ref(&second), false);
+    println!("   write requests in the second sync: {}", second.writes);
+    store.close().await;
+    sb.stop().await;
+    Ok(exit_for(&[first, second]))
+}
+
+/// Progress on stderr: bars on a terminal, one line per phase otherwise.
+struct TermProgress {
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+    tty: bool,
+}
+
+impl TermProgress {
+    fn new() -> Self {
+        Self {
+            bar: Mutex::new(None),
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+}
+
+impl Progress for TermProgress {
+    fn phase(&self, target: &str, phase: &str, total: u64) {
+        let mut slot = self.bar.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = slot.take() {
+            b.finish();
+        }
+        if self.tty {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>12} {bar:30} {pos}/{len} {per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b.set_prefix(format!("{target} {phase}"));
+            *slot = Some(b);
+        } else {
+            eprintln!("{target}: {phase} ({total})");
+        }
+    }
+    fn advance(&self, n: u64) {
+        if let Some(b) = &*self.bar.lock().unwrap_or_else(|p| p.into_inner()) {
+            b.inc(n);
+        }
+    }
+    fn done(&self) {
+        if let Some(b) = self.bar.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            b.finish();
+        }
+    }
+}

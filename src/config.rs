@@ -1,0 +1,566 @@
+//! The TOML configuration model: parsing, `${VAR}` expansion and validation.
+//!
+//! Every error names the key it is about (`target[0] ("slack").auth.token`), because operators
+//! read these messages, not the code.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub worker: WorkerConfig,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default = "default_database_url")]
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: default_database_url(),
+        }
+    }
+}
+
+fn default_database_url() -> String {
+    "sqlite://scimsync.db".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    #[serde(default = "default_cron")]
+    pub full_sync_cron: String,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            full_sync_cron: default_cron(),
+            batch_size: default_batch_size(),
+            listen: default_listen(),
+        }
+    }
+}
+
+fn default_cron() -> String {
+    "0 0 * * * *".to_string()
+}
+fn default_batch_size() -> u32 {
+    100
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compatibility {
+    #[default]
+    Default,
+    Aws,
+    Slack,
+    Salesforce,
+    Webex,
+}
+
+impl fmt::Display for Compatibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Compatibility::Default => "default",
+            Compatibility::Aws => "aws",
+            Compatibility::Slack => "slack",
+            Compatibility::Salesforce => "salesforce",
+            Compatibility::Webex => "webex",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDelete {
+    #[default]
+    Delete,
+    Deactivate,
+}
+
+/// The deletion guard: an absolute count, or a percent of the objects provisioned on the target.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeletionLimit {
+    Count(u64),
+    Percent(f64),
+}
+
+impl Default for DeletionLimit {
+    fn default() -> Self {
+        DeletionLimit::Percent(10.0)
+    }
+}
+
+impl DeletionLimit {
+    /// Runs that deprovision this many objects or fewer never trip a percent limit, so that a
+    /// small target can still lose a handful of people.
+    pub const PERCENT_FLOOR: u64 = 5;
+
+    /// True when deprovisioning `deletions` of `provisioned` objects stays within the limit.
+    pub fn allows(&self, deletions: u64, provisioned: u64) -> bool {
+        match *self {
+            DeletionLimit::Count(n) => deletions <= n,
+            DeletionLimit::Percent(p) => {
+                deletions <= Self::PERCENT_FLOOR
+                    || (deletions as f64) <= (provisioned as f64) * p / 100.0
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeletionLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeletionLimit::Count(n) => write!(f, "{n}"),
+            DeletionLimit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeletionLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "expected a count (e.g. 25) or a percent string (e.g. \"10%\") of at most 100%",
+            )
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 0 => Ok(DeletionLimit::Count(n as u64)),
+            Raw::Int(_) => Err(bad()),
+            Raw::Str(s) => {
+                let s = s.trim();
+                if let Some(p) = s.strip_suffix('%') {
+                    match p.trim().parse::<f64>() {
+                        Ok(p) if (0.0..=100.0).contains(&p) => Ok(DeletionLimit::Percent(p)),
+                        _ => Err(bad()),
+                    }
+                } else {
+                    s.parse::<u64>()
+                        .map(DeletionLimit::Count)
+                        .map_err(|_| bad())
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Token,
+}
+
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub mode: AuthMode,
+    pub token: Option<String>,
+}
+
+// Hand-written so a token can never reach a log line through `{:?}`.
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("mode", &self.mode)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub url: String,
+    #[serde(default)]
+    pub compatibility: Compatibility,
+    #[serde(default = "default_mappings")]
+    pub mappings: PathBuf,
+    #[serde(default = "default_true")]
+    pub exclude_service_accounts: bool,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub on_delete: OnDelete,
+    #[serde(default)]
+    pub max_deletions: DeletionLimit,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Seconds before one HTTP request to this target is abandoned.
+    #[serde(default = "default_timeout")]
+    pub timeout_seconds: u64,
+    /// Objects of one batch synced at the same time against this target.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+fn default_mappings() -> PathBuf {
+    PathBuf::from("mappings")
+}
+fn default_true() -> bool {
+    true
+}
+fn default_timeout() -> u64 {
+    30
+}
+fn default_concurrency() -> usize {
+    8
+}
+
+impl TargetConfig {
+    /// A target with every optional key at its default (used by `demo` and tests).
+    pub fn new(name: &str, url: &str, token: Option<String>) -> Self {
+        Self {
+            name: name.to_string(),
+            url: url.to_string(),
+            compatibility: Compatibility::Default,
+            mappings: default_mappings(),
+            exclude_service_accounts: true,
+            groups: Vec::new(),
+            on_delete: OnDelete::Delete,
+            max_deletions: DeletionLimit::default(),
+            dry_run: false,
+            timeout_seconds: default_timeout(),
+            concurrency: default_concurrency(),
+            auth: AuthConfig {
+                mode: AuthMode::Token,
+                token,
+            },
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_seconds)
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths inside it are resolved against the
+    /// file's directory so the daemon behaves the same from any working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text, path, |name| std::env::var(name).ok())?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for t in &mut cfg.targets {
+            if t.mappings.is_relative() {
+                t.mappings = base.join(&t.mappings);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses config text; `env` resolves `${VAR}` references (injected for tests).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        expand_env(&mut value, &mut Vec::new(), &env).map_err(|(key, message)| {
+            ConfigError::Key {
+                path: path.to_path_buf(),
+                key,
+                message,
+            }
+        })?;
+        let names = target_names(&value);
+        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = describe_path(&e.path().to_string(), &names);
+            ConfigError::Key {
+                path: path.to_path_buf(),
+                key,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        cfg.validate().map_err(|(key, message)| ConfigError::Key {
+            path: path.to_path_buf(),
+            key: describe_path(&key, &names),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.worker.batch_size == 0 || self.worker.batch_size > 10_000 {
+            return Err((
+                "worker.batch_size".into(),
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        let fields = self.worker.full_sync_cron.split_whitespace().count();
+        if !(6..=7).contains(&fields) {
+            return Err((
+                "worker.full_sync_cron".into(),
+                format!(
+                    "expected 6 fields (sec min hour day month weekday), found {fields}: {:?}",
+                    self.worker.full_sync_cron
+                ),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let key = |k: &str| format!("target[{i}].{k}");
+            if t.name.trim().is_empty() {
+                return Err((key("name"), "must not be empty".into()));
+            }
+            if !seen.insert(t.name.as_str()) {
+                return Err((
+                    key("name"),
+                    format!("target name {:?} is used twice", t.name),
+                ));
+            }
+            match reqwest::Url::parse(&t.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => {
+                    return Err((
+                        key("url"),
+                        format!("scheme {:?} is not http or https", u.scheme()),
+                    ));
+                }
+                Err(e) => return Err((key("url"), format!("{:?} is not a URL: {e}", t.url))),
+            }
+            if t.timeout_seconds == 0 {
+                return Err((key("timeout_seconds"), "must be at least 1".into()));
+            }
+            if t.concurrency == 0 || t.concurrency > 256 {
+                return Err((key("concurrency"), "must be between 1 and 256".into()));
+            }
+            match (&t.auth.mode, &t.auth.token) {
+                (AuthMode::Token, Some(tok)) if !tok.trim().is_empty() => {}
+                (AuthMode::Token, _) => {
+                    return Err((
+                        key("auth.token"),
+                        "mode \"token\" needs a non-empty token".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// Replaces `${VAR}` in every string value; `$${` stays a literal `${`.
+fn expand_env(
+    value: &mut toml::Value,
+    path: &mut Vec<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::Value::String(s) => {
+            *s = expand_str(s, env).map_err(|m| (path.join("."), m))?;
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let last = path.pop().unwrap_or_default();
+                path.push(format!("{last}[{i}]"));
+                expand_env(item, path, env)?;
+                path.pop();
+                path.push(last);
+            }
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                path.push(k.clone());
+                expand_env(v, path, env)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos..];
+        if let Some(lit) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = lit;
+        } else if let Some(body) = after.strip_prefix("${") {
+            let end = body
+                .find('}')
+                .ok_or_else(|| "unterminated ${...} reference".to_string())?;
+            let name = &body[..end];
+            if name.is_empty() {
+                return Err("empty ${} reference".into());
+            }
+            let val = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&val);
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn target_names(value: &toml::Value) -> Vec<Option<String>> {
+    value
+        .get("target")
+        .and_then(|t| t.as_array())
+        .map(|items| {
+            items
+                .iter()
+                .map(|t| t.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `target[1].auth.mode` → `target[1] ("okta").auth.mode`: operators know targets by name.
+fn describe_path(path: &str, names: &[Option<String>]) -> String {
+    let Some(rest) = path.strip_prefix("target[") else {
+        return path.to_string();
+    };
+    let Some(end) = rest.find(']') else {
+        return path.to_string();
+    };
+    match rest[..end].parse::<usize>().ok().and_then(|i| names.get(i)) {
+        Some(Some(name)) => format!("target[{}] ({name:?}){}", &rest[..end], &rest[end + 1..]),
+        _ => path.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("t.toml"), |n| {
+            (n == "TOKEN").then(|| "s3cret".to_string())
+        })
+    }
+
+    const MINIMAL: &str = r#"
+[[target]]
+name = "a"
+url = "http://127.0.0.1:1/scim/v2"
+[target.auth]
+token = "${TOKEN}"
+"#;
+
+    #[test]
+    fn defaults_and_env_expansion() {
+        let cfg = parse(MINIMAL).expect("valid config");
+        assert_eq!(cfg.database.url, "sqlite://scimsync.db");
+        assert_eq!(cfg.worker.batch_size, 100);
+        let t = &cfg.targets[0];
+        assert_eq!(t.auth.token.as_deref(), Some("s3cret"));
+        assert_eq!(t.max_deletions, DeletionLimit::Percent(10.0));
+        assert!(t.exclude_service_accounts);
+        assert_eq!(t.on_delete, OnDelete::Delete);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_target_name() {
+        let text = format!("{MINIMAL}\nfrobnicate = 1\n");
+        let err = parse(&text).expect_err("unknown key").to_string();
+        assert!(err.contains("target[0] (\"a\").auth"), "{err}");
+        assert!(err.contains("frobnicate"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let text = MINIMAL.replace("url =", "compatibility = \"okta\"\nurl =");
+        let err = parse(&text).expect_err("bad enum").to_string();
+        assert!(err.contains("target[0] (\"a\").compatibility"), "{err}");
+        let text = MINIMAL.replace("url =", "max_deletions = \"150%\"\nurl =");
+        let err = parse(&text).expect_err("bad limit").to_string();
+        assert!(err.contains("max_deletions"), "{err}");
+    }
+
+    #[test]
+    fn missing_env_var_is_named() {
+        let text = MINIMAL.replace("${TOKEN}", "${NOPE}");
+        let err = parse(&text).expect_err("missing var").to_string();
+        assert!(err.contains("target[0].auth.token"), "{err}");
+        assert!(err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_target_and_bad_url() {
+        let text = format!("{MINIMAL}{MINIMAL}");
+        let err = parse(&text).expect_err("dup").to_string();
+        assert!(err.contains("used twice"), "{err}");
+        let text = MINIMAL.replace("http://127.0.0.1:1/scim/v2", "ftp://x");
+        let err = parse(&text).expect_err("scheme").to_string();
+        assert!(err.contains("target[0] (\"a\").url"), "{err}");
+    }
+
+    #[test]
+    fn deletion_limits() {
+        assert!(DeletionLimit::Percent(10.0).allows(5, 10));
+        assert!(!DeletionLimit::Percent(10.0).allows(6, 10));
+        assert!(DeletionLimit::Percent(10.0).allows(10, 100));
+        assert!(!DeletionLimit::Count(2).allows(3, 1000));
+        assert_eq!(expand_str("a$${b}$c", &|_| None).as_deref(), Ok("a${b}$c"));
+    }
+}

@@ -1,0 +1,856 @@
+//! Storage: the directory, change events, per-target sync state and run records, on SQLite or
+//! PostgreSQL.
+//!
+//! Both databases share one schema shape (TEXT JSON, BIGINT milliseconds) and the same SQL
+//! (`$N` placeholders, `ON CONFLICT`, `RETURNING` work on both), so each method is written once
+//! and `on_pool!` compiles its body for each backend.
+
+use std::collections::{BTreeSet, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use crate::directory::{Group, Kind, Record, User};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database.url {0:?} must start with sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("line {line}: {message}")]
+    Import { line: usize, message: String },
+    #[error("corrupt {what} in the database for {id}: {message}")]
+    Corrupt {
+        what: &'static str,
+        id: String,
+        message: String,
+    },
+}
+
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// The one handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    backend: std::sync::Arc<Backend>,
+}
+
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &*$store.backend {
+            Backend::Sqlite($pool) => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// What scimsync last did for one object on one target.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SyncState {
+    pub remote_id: Option<String>,
+    pub resource_hash: Option<String>,
+    /// The resource as last sent successfully (groups: without members).
+    pub last_resource: Option<Value>,
+    /// Remote ids of the members last sent successfully (groups only).
+    pub members: Option<Vec<String>>,
+    pub status: String,
+    pub last_error: Option<String>,
+    pub attempts: i64,
+}
+
+/// A provisioned object whose directory object is gone.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub local_id: String,
+    pub state: SyncState,
+}
+
+/// One member of a group, with its remote id on the target when it has one.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub user_id: String,
+    pub remote_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    pub users_changed: u64,
+    pub groups_changed: u64,
+    pub unchanged: u64,
+    pub deleted: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunCounts {
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub requests: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunRecord {
+    pub id: i64,
+    pub target: String,
+    pub trigger: String,
+    pub dry_run: bool,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub status: String,
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub requests: i64,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FailingObject {
+    pub target: String,
+    pub kind: String,
+    pub local_id: String,
+    pub last_error: Option<String>,
+    pub attempts: i64,
+    pub updated_at: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct StateCols {
+    remote_id: Option<String>,
+    resource_hash: Option<String>,
+    last_resource: Option<String>,
+    members: Option<String>,
+    status: Option<String>,
+    last_error: Option<String>,
+    attempts: Option<i64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    id: String,
+    username: String,
+    email: Option<String>,
+    name: Option<String>,
+    given_name: Option<String>,
+    family_name: Option<String>,
+    active: bool,
+    service_account: bool,
+    attributes: String,
+    #[sqlx(flatten)]
+    state: StateCols,
+}
+
+#[derive(sqlx::FromRow)]
+struct GroupRow {
+    id: String,
+    name: String,
+    attributes: String,
+    #[sqlx(flatten)]
+    state: StateCols,
+}
+
+#[derive(sqlx::FromRow)]
+struct MemberRow {
+    group_id: String,
+    user_id: String,
+    remote_id: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OrphanRow {
+    local_id: String,
+    #[sqlx(flatten)]
+    state: StateCols,
+}
+
+const STATE_COLS: &str = "s.remote_id, s.resource_hash, s.last_resource, s.members, s.status, \
+     s.last_error, s.attempts";
+
+fn attrs(id: &str, text: &str) -> Result<Map<String, Value>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        what: "attributes",
+        id: id.to_string(),
+        message: e.to_string(),
+    })
+}
+
+impl StateCols {
+    fn into_state(self, id: &str) -> Result<Option<SyncState>, StoreError> {
+        let Some(status) = self.status else {
+            return Ok(None);
+        };
+        let corrupt = |what: &'static str, e: serde_json::Error| StoreError::Corrupt {
+            what,
+            id: id.to_string(),
+            message: e.to_string(),
+        };
+        let last_resource = match self.last_resource {
+            Some(t) => Some(serde_json::from_str(&t).map_err(|e| corrupt("last_resource", e))?),
+            None => None,
+        };
+        let members = match self.members {
+            Some(t) => Some(serde_json::from_str(&t).map_err(|e| corrupt("members", e))?),
+            None => None,
+        };
+        Ok(Some(SyncState {
+            remote_id: self.remote_id,
+            resource_hash: self.resource_hash,
+            last_resource,
+            members,
+            status,
+            last_error: self.last_error,
+            attempts: self.attempts.unwrap_or(0),
+        }))
+    }
+}
+
+impl UserRow {
+    fn split(self) -> Result<(User, Option<SyncState>), StoreError> {
+        let state = self.state.into_state(&self.id)?;
+        let attributes = attrs(&self.id, &self.attributes)?;
+        Ok((
+            User {
+                id: self.id,
+                username: self.username,
+                email: self.email,
+                name: self.name,
+                given_name: self.given_name,
+                family_name: self.family_name,
+                active: self.active,
+                service_account: self.service_account,
+                attributes,
+            },
+            state,
+        ))
+    }
+}
+
+pub use crate::clock::now_ms;
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+const USER_BATCH: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
+     u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
+     s.members, s.status, s.last_error, s.attempts \
+     FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
+     WHERE u.id > $2 ORDER BY u.id LIMIT $3";
+
+const USER_ONE: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
+     u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
+     s.members, s.status, s.last_error, s.attempts \
+     FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
+     WHERE u.id = $2";
+
+const GROUP_BATCH: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
+     s.last_resource, s.members, s.status, s.last_error, s.attempts \
+     FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
+     WHERE g.id > $2 ORDER BY g.id LIMIT $3";
+
+const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
+     s.last_resource, s.members, s.status, s.last_error, s.attempts \
+     FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
+     WHERE g.id = $2";
+
+const MEMBERS_RANGE: &str = "SELECT m.group_id, m.user_id, s.remote_id FROM memberships m \
+     LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id \
+     WHERE m.group_id >= $2 AND m.group_id <= $3 ORDER BY m.group_id, m.user_id";
+
+const UPSERT_USER: &str = "INSERT INTO users (id, username, email, name, given_name, family_name, \
+     active, service_account, attributes, content_hash, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+     ON CONFLICT (id) DO UPDATE SET username = excluded.username, email = excluded.email, \
+     name = excluded.name, given_name = excluded.given_name, family_name = excluded.family_name, \
+     active = excluded.active, service_account = excluded.service_account, \
+     attributes = excluded.attributes, content_hash = excluded.content_hash, \
+     updated_at = excluded.updated_at \
+     WHERE users.content_hash <> excluded.content_hash";
+
+const UPSERT_GROUP: &str = "INSERT INTO groups (id, name, attributes, content_hash, updated_at) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (id) DO UPDATE SET name = excluded.name, attributes = excluded.attributes, \
+     content_hash = excluded.content_hash, updated_at = excluded.updated_at \
+     WHERE groups.content_hash <> excluded.content_hash";
+
+const SAVE_SYNCED: &str = "INSERT INTO sync_state (target, kind, local_id, remote_id, \
+     resource_hash, last_resource, members, status, last_error, attempts, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', NULL, 0, $8) \
+     ON CONFLICT (target, kind, local_id) DO UPDATE SET remote_id = excluded.remote_id, \
+     resource_hash = excluded.resource_hash, last_resource = excluded.last_resource, \
+     members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
+     updated_at = excluded.updated_at";
+
+const SAVE_FAILED: &str = "INSERT INTO sync_state (target, kind, local_id, status, last_error, \
+     attempts, updated_at) VALUES ($1, $2, $3, 'failed', $4, 1, $5) \
+     ON CONFLICT (target, kind, local_id) DO UPDATE SET status = 'failed', \
+     last_error = excluded.last_error, attempts = sync_state.attempts + 1, \
+     updated_at = excluded.updated_at";
+
+impl Store {
+    /// Opens (creating a SQLite file on first use) and migrates the database.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(30))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await?;
+            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await?;
+            sqlx::migrate!("migrations/postgres").run(&pool).await?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_string()));
+        };
+        Ok(Store {
+            backend: std::sync::Arc::new(backend),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match &*self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, |p| p.close().await)
+    }
+
+    /// Applies one import file in one transaction: every line or none.
+    /// `records` carry their 1-based line numbers for error messages.
+    pub async fn import(
+        &self,
+        records: &[(usize, Record)],
+        prune: bool,
+    ) -> Result<ImportSummary, StoreError> {
+        let now = now_ms();
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let mut summary = ImportSummary::default();
+            let mut memberships: Vec<(usize, &Group)> = Vec::new();
+            let mut user_ids = HashSet::new();
+            let mut group_ids = HashSet::new();
+            for (line, rec) in records {
+                let line = *line;
+                let db_err = |e: sqlx::Error| StoreError::Import {
+                    line,
+                    message: e.to_string(),
+                };
+                match rec {
+                    Record::User(u) => {
+                        user_ids.insert(u.id.as_str());
+                        let res = sqlx::query(UPSERT_USER)
+                            .bind(&u.id)
+                            .bind(&u.username)
+                            .bind(&u.email)
+                            .bind(&u.name)
+                            .bind(&u.given_name)
+                            .bind(&u.family_name)
+                            .bind(u.active)
+                            .bind(u.service_account)
+                            .bind(Value::Object(u.attributes.clone()).to_string())
+                            .bind(u.content_hash())
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(|e| {
+                                if is_unique_violation(&e) {
+                                    StoreError::Import {
+                                        line,
+                                        message: format!(
+                                            "user {}: username {:?} belongs to another user",
+                                            u.id, u.username
+                                        ),
+                                    }
+                                } else {
+                                    db_err(e)
+                                }
+                            })?;
+                        if res.rows_affected() > 0 {
+                            summary.users_changed += 1;
+                        } else {
+                            summary.unchanged += 1;
+                        }
+                    }
+                    Record::Group(g) => {
+                        group_ids.insert(g.id.as_str());
+                        let res = sqlx::query(UPSERT_GROUP)
+                            .bind(&g.id)
+                            .bind(&g.name)
+                            .bind(Value::Object(g.attributes.clone()).to_string())
+                            .bind(g.content_hash())
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        if res.rows_affected() > 0 {
+                            summary.groups_changed += 1;
+                        } else {
+                            summary.unchanged += 1;
+                        }
+                        memberships.push((line, g));
+                    }
+                    Record::DeleteUser(id) => {
+                        user_ids.insert(id.as_str());
+                        let res = sqlx::query("DELETE FROM users WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        summary.deleted += res.rows_affected();
+                    }
+                    Record::DeleteGroup(id) => {
+                        group_ids.insert(id.as_str());
+                        let res = sqlx::query("DELETE FROM groups WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                        summary.deleted += res.rows_affected();
+                    }
+                }
+            }
+            // Members are applied after every line, so a group may name users defined below it.
+            for (line, g) in memberships {
+                let db_err = |e: sqlx::Error| StoreError::Import {
+                    line,
+                    message: e.to_string(),
+                };
+                let current: Vec<(String,)> =
+                    sqlx::query_as("SELECT user_id FROM memberships WHERE group_id = $1")
+                        .bind(&g.id)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                let current: BTreeSet<String> = current.into_iter().map(|(u,)| u).collect();
+                let wanted: BTreeSet<&String> = g.members.iter().collect();
+                let mut changed = false;
+                for uid in &wanted {
+                    if current.contains(*uid) {
+                        continue;
+                    }
+                    let exists: Option<(String,)> =
+                        sqlx::query_as("SELECT id FROM users WHERE id = $1")
+                            .bind(*uid)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(db_err)?;
+                    if exists.is_none() {
+                        return Err(StoreError::Import {
+                            line,
+                            message: format!(
+                                "group {}: member {uid:?} is not a user in the directory",
+                                g.id
+                            ),
+                        });
+                    }
+                    sqlx::query("INSERT INTO memberships (group_id, user_id) VALUES ($1, $2)")
+                        .bind(&g.id)
+                        .bind(*uid)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    changed = true;
+                }
+                for uid in current.iter().filter(|u| !wanted.contains(u)) {
+                    sqlx::query("DELETE FROM memberships WHERE group_id = $1 AND user_id = $2")
+                        .bind(&g.id)
+                        .bind(uid)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    changed = true;
+                }
+                if changed {
+                    summary.groups_changed += 1;
+                }
+            }
+            if prune {
+                let all: Vec<(String,)> = sqlx::query_as("SELECT id FROM groups")
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (id,) in all.iter().filter(|(id,)| !group_ids.contains(id.as_str())) {
+                    sqlx::query("DELETE FROM groups WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    summary.deleted += 1;
+                }
+                let all: Vec<(String,)> = sqlx::query_as("SELECT id FROM users")
+                    .fetch_all(&mut *tx)
+                    .await?;
+                for (id,) in all.iter().filter(|(id,)| !user_ids.contains(id.as_str())) {
+                    sqlx::query("DELETE FROM users WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    summary.deleted += 1;
+                }
+            }
+            tx.commit().await?;
+            Ok(summary)
+        })
+    }
+
+    /// Up to `limit` users with ids after `after`, each with its state on `target`.
+    pub async fn user_batch(
+        &self,
+        target: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(User, Option<SyncState>)>, StoreError> {
+        let rows: Vec<UserRow> = on_pool!(self, |p| sqlx::query_as(USER_BATCH)
+            .bind(target)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(p)
+            .await)?;
+        rows.into_iter().map(UserRow::split).collect()
+    }
+
+    pub async fn user(
+        &self,
+        target: &str,
+        id: &str,
+    ) -> Result<Option<(User, Option<SyncState>)>, StoreError> {
+        let row: Option<UserRow> = on_pool!(self, |p| sqlx::query_as(USER_ONE)
+            .bind(target)
+            .bind(id)
+            .fetch_optional(p)
+            .await)?;
+        row.map(UserRow::split).transpose()
+    }
+
+    /// Up to `limit` groups after `after`, each with its members (and their remote ids on
+    /// `target`) and its own state on `target`.
+    pub async fn group_batch(
+        &self,
+        target: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+        let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(GROUP_BATCH)
+            .bind(target)
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(p)
+            .await)?;
+        self.attach_members(target, rows).await
+    }
+
+    pub async fn group(
+        &self,
+        target: &str,
+        id: &str,
+    ) -> Result<Option<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+        let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(GROUP_ONE)
+            .bind(target)
+            .bind(id)
+            .fetch_all(p)
+            .await)?;
+        Ok(self.attach_members(target, rows).await?.into_iter().next())
+    }
+
+    async fn attach_members(
+        &self,
+        target: &str,
+        rows: Vec<GroupRow>,
+    ) -> Result<Vec<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(Vec::new());
+        };
+        // One range query for the whole batch: the batch is a contiguous id range.
+        let members: Vec<MemberRow> = on_pool!(self, |p| sqlx::query_as(MEMBERS_RANGE)
+            .bind(target)
+            .bind(&first.id)
+            .bind(&last.id)
+            .fetch_all(p)
+            .await)?;
+        let mut members = members.into_iter().peekable();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut list = Vec::new();
+            while let Some(m) = members.next_if(|m| m.group_id <= row.id) {
+                if m.group_id == row.id {
+                    list.push(Member {
+                        user_id: m.user_id,
+                        remote_id: m.remote_id,
+                    });
+                }
+            }
+            let state = row.state.into_state(&row.id)?;
+            let attributes = attrs(&row.id, &row.attributes)?;
+            let group = Group {
+                members: list.iter().map(|m| m.user_id.clone()).collect(),
+                id: row.id,
+                name: row.name,
+                attributes,
+            };
+            out.push((group, list, state));
+        }
+        Ok(out)
+    }
+
+    pub async fn count(&self, kind: Kind) -> Result<i64, StoreError> {
+        let sql = match kind {
+            Kind::User => "SELECT COUNT(*) FROM users",
+            Kind::Group => "SELECT COUNT(*) FROM groups",
+        };
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(sql).fetch_one(p).await)?;
+        Ok(n)
+    }
+
+    /// Objects with a remote id on `target`: the base of a percent deletion limit.
+    pub async fn count_provisioned(&self, target: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*) FROM sync_state WHERE target = $1 AND remote_id IS NOT NULL"
+        )
+        .bind(target)
+        .fetch_one(p)
+        .await)?;
+        Ok(n)
+    }
+
+    /// State rows on `target` whose directory object no longer exists.
+    pub async fn orphans(&self, target: &str, kind: Kind) -> Result<Vec<Orphan>, StoreError> {
+        let sql = match kind {
+            Kind::User => format!(
+                "SELECT s.local_id, {STATE_COLS} FROM sync_state s \
+                 LEFT JOIN users u ON u.id = s.local_id \
+                 WHERE s.target = $1 AND s.kind = 'user' AND u.id IS NULL ORDER BY s.local_id"
+            ),
+            Kind::Group => format!(
+                "SELECT s.local_id, {STATE_COLS} FROM sync_state s \
+                 LEFT JOIN groups g ON g.id = s.local_id \
+                 WHERE s.target = $1 AND s.kind = 'group' AND g.id IS NULL ORDER BY s.local_id"
+            ),
+        };
+        let rows: Vec<OrphanRow> = on_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(target)
+            .fetch_all(p)
+            .await)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let Some(state) = r.state.into_state(&r.local_id)? {
+                out.push(Orphan {
+                    local_id: r.local_id,
+                    state,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn state(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+    ) -> Result<Option<SyncState>, StoreError> {
+        let sql = format!(
+            "SELECT {STATE_COLS} FROM sync_state s \
+             WHERE s.target = $1 AND s.kind = $2 AND s.local_id = $3"
+        );
+        let row: Option<StateCols> = on_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(target)
+            .bind(kind.as_str())
+            .bind(local_id)
+            .fetch_optional(p)
+            .await)?;
+        match row {
+            Some(r) => r.into_state(local_id),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a successful sync: the remote id and exactly what the target now holds.
+    pub async fn save_synced(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+        remote_id: &str,
+        resource_hash: &str,
+        resource: &Value,
+        members: Option<&[String]>,
+    ) -> Result<(), StoreError> {
+        let members = members.map(|m| Value::from(m.to_vec()).to_string());
+        on_pool!(self, |p| sqlx::query(SAVE_SYNCED)
+            .bind(target)
+            .bind(kind.as_str())
+            .bind(local_id)
+            .bind(remote_id)
+            .bind(resource_hash)
+            .bind(resource.to_string())
+            .bind(members)
+            .bind(now_ms())
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Records a failure, keeping whatever is known of the remote object.
+    pub async fn save_failed(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+        error: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(SAVE_FAILED)
+            .bind(target)
+            .bind(kind.as_str())
+            .bind(local_id)
+            .bind(error)
+            .bind(now_ms())
+            .execute(p)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn delete_state(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "DELETE FROM sync_state WHERE target = $1 AND kind = $2 AND local_id = $3"
+        )
+        .bind(target)
+        .bind(kind.as_str())
+        .bind(local_id)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn count_state(&self, target: &str) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*) FROM sync_state WHERE target = $1"
+        )
+        .bind(target)
+        .fetch_one(p)
+        .await)?;
+        Ok(n)
+    }
+
+    pub async fn start_run(
+        &self,
+        target: &str,
+        trigger: &str,
+        dry_run: bool,
+    ) -> Result<i64, StoreError> {
+        let (id,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "INSERT INTO runs (target, trigger, dry_run, started_at, status) \
+             VALUES ($1, $2, $3, $4, 'running') RETURNING id"
+        )
+        .bind(target)
+        .bind(trigger)
+        .bind(dry_run)
+        .bind(now_ms())
+        .fetch_one(p)
+        .await)?;
+        Ok(id)
+    }
+
+    pub async fn finish_run(
+        &self,
+        id: i64,
+        status: &str,
+        c: &RunCounts,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "UPDATE runs SET finished_at = $2, status = $3, created = $4, updated = $5, \
+             unchanged = $6, deleted = $7, skipped = $8, failed = $9, requests = $10, \
+             detail = $11 WHERE id = $1"
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(status)
+        .bind(c.created)
+        .bind(c.updated)
+        .bind(c.unchanged)
+        .bind(c.deleted)
+        .bind(c.skipped)
+        .bind(c.failed)
+        .bind(c.requests)
+        .bind(detail)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn recent_runs(
+        &self,
+        target: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RunRecord>, StoreError> {
+        let rows = on_pool!(self, |p| sqlx::query_as(
+            "SELECT id, target, trigger, dry_run, started_at, finished_at, status, created, \
+             updated, unchanged, deleted, skipped, failed, requests, detail FROM runs \
+             WHERE ($1 IS NULL OR target = $1) ORDER BY id DESC LIMIT $2"
+        )
+        .bind(target)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    pub async fn failing(&self, target: Option<&str>) -> Result<Vec<FailingObject>, StoreError> {
+        let rows = on_pool!(self, |p| sqlx::query_as(
+            "SELECT target, kind, local_id, last_error, attempts, updated_at FROM sync_state \
+             WHERE status = 'failed' AND ($1 IS NULL OR target = $1) \
+             ORDER BY target, kind, local_id"
+        )
+        .bind(target)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// Number of change events written so far (the daemon consumes them).
+    pub async fn count_events(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*) FROM change_events"
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(n)
+    }
+}

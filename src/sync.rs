@@ -1,0 +1,1017 @@
+//! The sync engine: scope → mapping → validation → diff against what was last sent → the
+//! requests that make the target match, and the record of what happened.
+//!
+//! A full sync pushes users, then groups, in keyset batches, then deprovisions what left the
+//! directory or the target's scope, unless the run was not clean or the deletion guard holds.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{OnDelete, TargetConfig};
+use crate::directory::{Group, Kind, User, hash_json};
+use crate::mapping::{MapOutcome, Mappings, TargetInfo};
+use crate::scim::{self, Capabilities, PatchOperation};
+use crate::store::{Member, RunCounts, Store, StoreError, SyncState};
+use crate::target::{TargetClient, TargetError, endpoint};
+
+/// Member values per PATCH operation and operations per PATCH request.
+const MEMBER_CHUNK: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    pub dry_run: bool,
+    pub allow_deletions: bool,
+    pub batch_size: u32,
+    /// Record each step of each object (for `sync --user/--group`).
+    pub trace: bool,
+    /// What started the run, for the run record ("cli", "schedule", ...).
+    pub trigger: String,
+}
+
+/// A request a dry run would have sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlannedRequest {
+    pub method: String,
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+    Skipped,
+    Failed,
+    /// In the directory but out of the target's scope, and provisioned: to deprovision.
+    OutOfScope,
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, Serialize)]
+pub struct ObjectReport {
+    pub kind: Kind,
+    pub id: String,
+    pub action: Action,
+    pub detail: String,
+    pub steps: Vec<String>,
+    pub planned: Vec<PlannedRequest>,
+    #[serde(skip)]
+    state: Option<SyncState>,
+}
+
+impl Serialize for Kind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The result of one full sync of one target.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub target: String,
+    pub run_id: Option<i64>,
+    pub created: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub deleted: i64,
+    pub skipped: i64,
+    pub failed: i64,
+    pub requests: u64,
+    pub writes: u64,
+    /// Why deprovisioning was held back, if it was.
+    pub held_back: Option<String>,
+    pub failures: Vec<(String, String, String)>,
+    pub planned: Vec<PlannedRequest>,
+}
+
+impl RunSummary {
+    pub fn is_clean(&self) -> bool {
+        self.failed == 0 && self.held_back.is_none()
+    }
+
+    fn add(&mut self, r: ObjectReport) {
+        match r.action {
+            Action::Created => self.created += 1,
+            Action::Updated => self.updated += 1,
+            Action::Unchanged => self.unchanged += 1,
+            Action::Deleted => self.deleted += 1,
+            Action::Skipped => self.skipped += 1,
+            Action::OutOfScope => {}
+            Action::Failed => {
+                self.failed += 1;
+                self.failures
+                    .push((r.kind.to_string(), r.id.clone(), r.detail.clone()));
+            }
+        }
+        self.planned.extend(r.planned);
+    }
+
+    fn counts(&self) -> RunCounts {
+        RunCounts {
+            created: self.created,
+            updated: self.updated,
+            unchanged: self.unchanged,
+            deleted: self.deleted,
+            skipped: self.skipped,
+            failed: self.failed,
+            requests: self.requests as i64,
+        }
+    }
+}
+
+/// Progress callbacks, so the CLI can draw bars without the engine knowing about terminals.
+pub trait Progress: Send + Sync {
+    fn phase(&self, target: &str, phase: &str, total: u64);
+    fn advance(&self, n: u64);
+    fn done(&self);
+}
+
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn phase(&self, _: &str, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn done(&self) {}
+}
+
+/// The engine for one target.
+pub struct Engine {
+    store: Store,
+    client: Arc<TargetClient>,
+    cfg: TargetConfig,
+    mappings: Mappings,
+    opts: SyncOptions,
+    caps: Capabilities,
+    info: TargetInfo,
+}
+
+/// Per-object scratch: the trace and the requests a dry run would send.
+#[derive(Default)]
+struct Work {
+    trace: bool,
+    steps: Vec<String>,
+    planned: Vec<PlannedRequest>,
+}
+
+impl Work {
+    fn step(&mut self, f: impl FnOnce() -> String) {
+        if self.trace {
+            self.steps.push(f());
+        }
+    }
+}
+
+type Fail = String;
+
+fn tfail(e: TargetError) -> Fail {
+    e.to_string()
+}
+
+impl Engine {
+    /// Reads the target's capabilities once, then is ready to sync.
+    pub async fn new(
+        store: Store,
+        client: Arc<TargetClient>,
+        cfg: TargetConfig,
+        mappings: Mappings,
+        opts: SyncOptions,
+    ) -> Engine {
+        let caps = client.capabilities().await;
+        let info = TargetInfo {
+            name: cfg.name.clone(),
+            compatibility: cfg.compatibility.to_string(),
+        };
+        let mut opts = opts;
+        opts.dry_run |= cfg.dry_run;
+        if opts.batch_size == 0 {
+            opts.batch_size = 100;
+        }
+        Engine {
+            store,
+            client,
+            cfg,
+            mappings,
+            opts,
+            caps,
+            info,
+        }
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn target(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// One full sync: users, groups, then deprovisioning.
+    pub async fn full_sync(&self, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
+        let run_id = if self.opts.dry_run {
+            None
+        } else {
+            Some(
+                self.store
+                    .start_run(self.target(), &self.opts.trigger, false)
+                    .await?,
+            )
+        };
+        let before = (self.client.stats.total(), self.client.stats.writes());
+        let mut summary = RunSummary {
+            target: self.target().to_string(),
+            run_id,
+            ..Default::default()
+        };
+        let result = self.full_sync_inner(&mut summary, progress).await;
+        progress.done();
+        summary.requests = self.client.stats.total() - before.0;
+        summary.writes = self.client.stats.writes() - before.1;
+        if let Some(id) = run_id {
+            let status = match (&result, summary.is_clean()) {
+                (Err(_), _) => "error",
+                (Ok(()), true) => "succeeded",
+                (Ok(()), false) => "failed",
+            };
+            let detail = match &result {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => summary.held_back.clone(),
+            };
+            self.store
+                .finish_run(id, status, &summary.counts(), detail.as_deref())
+                .await?;
+        }
+        result.map(|()| summary)
+    }
+
+    async fn full_sync_inner(
+        &self,
+        summary: &mut RunSummary,
+        progress: &dyn Progress,
+    ) -> Result<(), SyncError> {
+        let target = self.target().to_string();
+        let limit = self.opts.batch_size;
+        let mut leaving: Vec<(Kind, String, SyncState)> = Vec::new();
+        let mut leaving_users: HashSet<String> = HashSet::new();
+
+        progress.phase(&target, "users", self.store.count(Kind::User).await? as u64);
+        let mut after = String::new();
+        loop {
+            let batch = self.store.user_batch(&target, &after, limit).await?;
+            let Some((last, _)) = batch.last() else { break };
+            after = last.id.clone();
+            let n = batch.len() as u64;
+            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
+                .map(|(u, s)| self.sync_user(u, s))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+            for mut r in reports {
+                if r.action == Action::OutOfScope {
+                    if let Some(s) = r.state.take() {
+                        leaving_users.insert(r.id.clone());
+                        leaving.push((Kind::User, r.id.clone(), s));
+                    }
+                }
+                summary.add(r);
+            }
+            progress.advance(n);
+        }
+
+        progress.phase(
+            &target,
+            "groups",
+            self.store.count(Kind::Group).await? as u64,
+        );
+        let mut after = String::new();
+        loop {
+            let batch = self.store.group_batch(&target, &after, limit).await?;
+            let Some((last, _, _)) = batch.last() else {
+                break;
+            };
+            after = last.id.clone();
+            let n = batch.len() as u64;
+            let leaving_users = &leaving_users;
+            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
+                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+            for mut r in reports {
+                if r.action == Action::OutOfScope {
+                    if let Some(s) = r.state.take() {
+                        leaving.push((Kind::Group, r.id.clone(), s));
+                    }
+                }
+                summary.add(r);
+            }
+            progress.advance(n);
+        }
+
+        for kind in [Kind::Group, Kind::User] {
+            for o in self.store.orphans(&target, kind).await? {
+                if o.state.remote_id.is_some() {
+                    leaving.push((kind, o.local_id, o.state));
+                } else if !self.opts.dry_run {
+                    // Never reached the target: nothing to deprovision, only a record to drop.
+                    self.store.delete_state(&target, kind, &o.local_id).await?;
+                }
+            }
+        }
+        if leaving.is_empty() {
+            return Ok(());
+        }
+        if let Some(why) = self.hold_back(summary, leaving.len() as u64).await? {
+            tracing::warn!(target = %target, "{why}");
+            summary.held_back = Some(why);
+            return Ok(());
+        }
+        // Groups first, so users leave their groups with the groups, not one PATCH at a time.
+        leaving.sort_by_key(|(k, _, _)| std::cmp::Reverse(*k));
+        progress.phase(&target, "deprovision", leaving.len() as u64);
+        let reports: Vec<ObjectReport> = futures::stream::iter(leaving)
+            .map(|(k, id, s)| self.deprovision(k, id, s))
+            .buffer_unordered(self.cfg.concurrency)
+            .collect()
+            .await;
+        for r in reports {
+            summary.add(r);
+            progress.advance(1);
+        }
+        Ok(())
+    }
+
+    /// Why deprovisioning must wait, if it must.
+    async fn hold_back(
+        &self,
+        summary: &RunSummary,
+        deletions: u64,
+    ) -> Result<Option<String>, SyncError> {
+        if summary.failed > 0 {
+            return Ok(Some(format!(
+                "deprovisioning of {deletions} object(s) held back: {} object(s) failed in this run, and deletions follow only a clean run",
+                summary.failed
+            )));
+        }
+        if self.opts.allow_deletions {
+            return Ok(None);
+        }
+        if self.store.count(Kind::User).await? == 0 && self.store.count(Kind::Group).await? == 0 {
+            return Ok(Some(format!(
+                "deprovisioning of {deletions} object(s) held back: the directory is empty; run with --allow-deletions if that is intended"
+            )));
+        }
+        let provisioned = self.store.count_provisioned(self.target()).await? as u64;
+        if !self.cfg.max_deletions.allows(deletions, provisioned) {
+            return Ok(Some(format!(
+                "deprovisioning held back: it would remove {deletions} of {provisioned} provisioned object(s), more than max_deletions = {}; rerun with --allow-deletions or raise max_deletions for target {:?}",
+                self.cfg.max_deletions, self.cfg.name
+            )));
+        }
+        Ok(None)
+    }
+
+    fn report(
+        &self,
+        kind: Kind,
+        id: &str,
+        w: Work,
+        action: Action,
+        detail: String,
+        state: Option<SyncState>,
+    ) -> ObjectReport {
+        ObjectReport {
+            kind,
+            id: id.to_string(),
+            action,
+            detail,
+            steps: w.steps,
+            planned: w.planned,
+            state,
+        }
+    }
+
+    async fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
+        w.step(|| format!("failed: {error}"));
+        tracing::warn!(target = %self.cfg.name, %kind, id, error = %error, "object failed");
+        if !self.opts.dry_run {
+            if let Err(e) = self
+                .store
+                .save_failed(self.target(), kind, id, &error)
+                .await
+            {
+                tracing::error!(target = %self.cfg.name, %kind, id, error = %e, "cannot record failure");
+            }
+        }
+        self.report(kind, id, w, Action::Failed, error, None)
+    }
+
+    /// Syncs one user (scope, mapping, validation, create/update).
+    pub async fn sync_user(&self, user: User, state: Option<SyncState>) -> ObjectReport {
+        let mut w = Work {
+            trace: self.opts.trace,
+            ..Default::default()
+        };
+        w.step(|| {
+            format!(
+                "directory object: {}",
+                serde_json::to_string(&user).unwrap_or_default()
+            )
+        });
+        if self.cfg.exclude_service_accounts && user.service_account {
+            let why = "service account, and the target excludes service accounts".to_string();
+            return self.out_of_scope(Kind::User, &user.id, w, why, state);
+        }
+        w.step(|| "scope: in scope".into());
+        let mapped = self.mappings.map_user(&user, &self.info);
+        self.sync_mapped(Kind::User, &user.id, mapped, None, state, w)
+            .await
+    }
+
+    /// Syncs one group; its members are those of its directory members that have a remote id
+    /// and are not leaving the target in this run.
+    pub async fn sync_group(
+        &self,
+        group: Group,
+        members: Vec<Member>,
+        state: Option<SyncState>,
+        leaving_users: &HashSet<String>,
+    ) -> ObjectReport {
+        let mut w = Work {
+            trace: self.opts.trace,
+            ..Default::default()
+        };
+        w.step(|| {
+            format!(
+                "directory object: {}",
+                serde_json::to_string(&group).unwrap_or_default()
+            )
+        });
+        if !self.cfg.groups.is_empty()
+            && !self
+                .cfg
+                .groups
+                .iter()
+                .any(|f| *f == group.id || *f == group.name)
+        {
+            let why = "not in the target's group filter".to_string();
+            return self.out_of_scope(Kind::Group, &group.id, w, why, state);
+        }
+        w.step(|| "scope: in scope".into());
+        let remote: BTreeSet<String> = members
+            .into_iter()
+            .filter(|m| !leaving_users.contains(&m.user_id))
+            .filter_map(|m| m.remote_id)
+            .collect();
+        let remote: Vec<String> = remote.into_iter().collect();
+        let mapped = self.mappings.map_group(&group, &self.info);
+        self.sync_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
+            .await
+    }
+
+    fn out_of_scope(
+        &self,
+        kind: Kind,
+        id: &str,
+        mut w: Work,
+        why: String,
+        state: Option<SyncState>,
+    ) -> ObjectReport {
+        w.step(|| format!("scope: out of scope ({why})"));
+        match state {
+            Some(s) if s.remote_id.is_some() => {
+                self.report(kind, id, w, Action::OutOfScope, why, Some(s))
+            }
+            _ => self.report(kind, id, w, Action::Skipped, why, None),
+        }
+    }
+
+    async fn sync_mapped(
+        &self,
+        kind: Kind,
+        id: &str,
+        mapped: Result<MapOutcome, crate::mapping::MappingError>,
+        members: Option<Vec<String>>,
+        state: Option<SyncState>,
+        mut w: Work,
+    ) -> ObjectReport {
+        let desired = match mapped {
+            Ok(MapOutcome::Resource(doc)) => doc,
+            Ok(MapOutcome::Skip { script, reason }) => {
+                let why = format!("skipped by {script}: {reason}");
+                return self.out_of_scope(kind, id, w, why, state);
+            }
+            Err(e) => return self.failed(kind, id, w, format!("mapping: {e}")).await,
+        };
+        w.step(|| format!("mapping: {desired}"));
+        if let Err(violations) = scim::validate(kind, &desired) {
+            let msg = format!("invalid {kind} resource: {}", violations.join("; "));
+            return self.failed(kind, id, w, msg).await;
+        }
+        w.step(|| "validation: valid".into());
+        let hash = hash_json(&desired);
+        let result = match state.as_ref().and_then(|s| s.remote_id.clone()) {
+            None => {
+                self.create(kind, id, &desired, &hash, members.as_deref(), &mut w)
+                    .await
+            }
+            Some(rid) => {
+                let s = state.as_ref().cloned().unwrap_or_default();
+                let same_members = members.is_none() || s.members.as_deref() == members.as_deref();
+                if s.status == "synced" && s.resource_hash.as_deref() == Some(&hash) && same_members
+                {
+                    w.step(|| {
+                        format!("match: remote id {rid} (recorded); unchanged since last sent")
+                    });
+                    Ok((Action::Unchanged, "unchanged".to_string()))
+                } else {
+                    w.step(|| format!("match: remote id {rid} (recorded)"));
+                    self.update(
+                        kind,
+                        id,
+                        &rid,
+                        s.last_resource.as_ref(),
+                        &desired,
+                        &hash,
+                        s.members.as_deref(),
+                        members.as_deref(),
+                        true,
+                        &mut w,
+                    )
+                    .await
+                }
+            }
+        };
+        match result {
+            Ok((action, detail)) => {
+                w.step(|| format!("result: {detail}"));
+                self.report(kind, id, w, action, detail, None)
+            }
+            Err(e) => self.failed(kind, id, w, e).await,
+        }
+    }
+
+    fn plan(&self, w: &mut Work, method: &str, path: String, body: Option<Value>) {
+        w.step(|| {
+            format!(
+                "request (dry run, not sent): {method} {path} {}",
+                body.as_ref().map(Value::to_string).unwrap_or_default()
+            )
+        });
+        w.planned.push(PlannedRequest {
+            method: method.to_string(),
+            path,
+            body,
+        });
+    }
+
+    fn with_members(desired: &Value, members: Option<&[String]>) -> Value {
+        let mut body = desired.clone();
+        if let (Some(m), Some(obj)) = (members, body.as_object_mut()) {
+            obj.insert("members".into(), scim::member_values(m));
+        }
+        body
+    }
+
+    /// POST, adopting the existing remote object on 409 (or, for groups, when a lookup finds it).
+    async fn create(
+        &self,
+        kind: Kind,
+        id: &str,
+        desired: &Value,
+        hash: &str,
+        members: Option<&[String]>,
+        w: &mut Work,
+    ) -> Result<(Action, String), Fail> {
+        let body = Self::with_members(desired, members);
+        let ep = endpoint(kind);
+        if self.opts.dry_run {
+            self.plan(w, "POST", format!("/{ep}"), Some(body));
+            return Ok((Action::Created, "would create".into()));
+        }
+        // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
+        if kind == Kind::Group && self.caps.filter {
+            if let Some(remote) = self.lookup(kind, desired, w).await? {
+                return self
+                    .adopt(kind, id, remote, desired, hash, members, w)
+                    .await;
+            }
+        }
+        w.step(|| format!("request: POST /{ep} {body}"));
+        match self.client.create(kind, &body).await {
+            Ok(created) => {
+                let rid = created
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                w.step(|| format!("response: created, remote id {rid}"));
+                self.store
+                    .save_synced(self.target(), kind, id, &rid, hash, desired, members)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((Action::Created, format!("created as {rid}")))
+            }
+            Err(e) if e.status() == Some(409) => {
+                w.step(|| format!("response: {e}"));
+                match self.lookup(kind, desired, w).await? {
+                    Some(remote) => {
+                        self.adopt(kind, id, remote, desired, hash, members, w)
+                            .await
+                    }
+                    None => Err(format!(
+                        "{e}; and no remote object matches {}",
+                        scim::match_filters(kind, desired).join(" or ")
+                    )),
+                }
+            }
+            Err(e) => Err(tfail(e)),
+        }
+    }
+
+    /// Finds the remote object this directory object corresponds to.
+    async fn lookup(
+        &self,
+        kind: Kind,
+        desired: &Value,
+        w: &mut Work,
+    ) -> Result<Option<Value>, Fail> {
+        for filter in scim::match_filters(kind, desired) {
+            w.step(|| format!("lookup: GET /{}?filter={filter}", endpoint(kind)));
+            let found = self.client.find(kind, &filter).await.map_err(tfail)?;
+            if let Some(hit) = found
+                .into_iter()
+                .find(|r| r.get("id").and_then(Value::as_str).is_some())
+            {
+                return Ok(Some(hit));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Takes over an existing remote object and brings it to the desired state.
+    #[allow(clippy::too_many_arguments)]
+    async fn adopt(
+        &self,
+        kind: Kind,
+        id: &str,
+        remote: Value,
+        desired: &Value,
+        hash: &str,
+        members: Option<&[String]>,
+        w: &mut Work,
+    ) -> Result<(Action, String), Fail> {
+        let rid = remote
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        w.step(|| format!("match: adopted existing remote object {rid}"));
+        let remote_members: Option<Vec<String>> = remote.get("members").map(|m| {
+            let mut ids: Vec<String> = m
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.get("value").and_then(Value::as_str))
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            ids.sort();
+            ids
+        });
+        let prev_members = match kind {
+            Kind::Group => Some(remote_members.unwrap_or_default()),
+            Kind::User => None,
+        };
+        // Boxed: update → adopt → update is recursive (bounded by `may_recreate = false`).
+        let (_, detail) = Box::pin(self.update(
+            kind,
+            id,
+            &rid,
+            Some(&remote),
+            desired,
+            hash,
+            prev_members.as_deref(),
+            members,
+            false,
+            w,
+        ))
+        .await?;
+        Ok((Action::Updated, format!("adopted {rid}; {detail}")))
+    }
+
+    /// Brings remote object `rid` from `prev` to `desired` (PATCH where supported, else PUT);
+    /// a 404 means it was deleted remotely: look it up, else re-create it.
+    #[allow(clippy::too_many_arguments)]
+    async fn update(
+        &self,
+        kind: Kind,
+        id: &str,
+        rid: &str,
+        prev: Option<&Value>,
+        desired: &Value,
+        hash: &str,
+        prev_members: Option<&[String]>,
+        members: Option<&[String]>,
+        may_recreate: bool,
+        w: &mut Work,
+    ) -> Result<(Action, String), Fail> {
+        let ep = endpoint(kind);
+        let path = format!("/{ep}/{rid}");
+        let sent = if self.caps.patch {
+            let requests = patch_requests(prev, desired, prev_members, members);
+            if requests.is_empty() {
+                w.step(|| "no difference to send".into());
+            }
+            let mut result = Ok(());
+            for ops in &requests {
+                if self.opts.dry_run {
+                    self.plan(w, "PATCH", path.clone(), Some(scim::patch_body(ops)));
+                    continue;
+                }
+                w.step(|| format!("request: PATCH {path} {}", scim::patch_body(ops)));
+                result = self.client.patch(kind, rid, ops).await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result
+        } else {
+            let body = Self::with_members(desired, members);
+            if self.opts.dry_run {
+                self.plan(w, "PUT", path.clone(), Some(body));
+                Ok(())
+            } else {
+                w.step(|| format!("request: PUT {path} {body}"));
+                self.client.replace(kind, rid, &body).await
+            }
+        };
+        match sent {
+            Ok(()) => {
+                if !self.opts.dry_run {
+                    self.store
+                        .save_synced(self.target(), kind, id, rid, hash, desired, members)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                let verb = if self.opts.dry_run {
+                    "would update"
+                } else {
+                    "updated"
+                };
+                Ok((Action::Updated, format!("{verb} {rid}")))
+            }
+            Err(e) if e.status() == Some(404) && may_recreate => {
+                w.step(|| format!("response: {e}: deleted remotely"));
+                match self.lookup(kind, desired, w).await? {
+                    Some(remote) => {
+                        self.adopt(kind, id, remote, desired, hash, members, w)
+                            .await
+                    }
+                    None => {
+                        let (_, detail) = self
+                            .create_fresh(kind, id, desired, hash, members, w)
+                            .await?;
+                        Ok((
+                            Action::Created,
+                            format!("re-created after remote deletion: {detail}"),
+                        ))
+                    }
+                }
+            }
+            Err(e) => Err(tfail(e)),
+        }
+    }
+
+    /// POST without group lookup (the lookup already found nothing).
+    async fn create_fresh(
+        &self,
+        kind: Kind,
+        id: &str,
+        desired: &Value,
+        hash: &str,
+        members: Option<&[String]>,
+        w: &mut Work,
+    ) -> Result<(Action, String), Fail> {
+        let body = Self::with_members(desired, members);
+        w.step(|| format!("request: POST /{} {body}", endpoint(kind)));
+        let created = self.client.create(kind, &body).await.map_err(tfail)?;
+        let rid = created
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        self.store
+            .save_synced(self.target(), kind, id, &rid, hash, desired, members)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((Action::Created, format!("created as {rid}")))
+    }
+
+    /// DELETE (or deactivate) one object; its record goes only once the target confirmed.
+    async fn deprovision(&self, kind: Kind, id: String, state: SyncState) -> ObjectReport {
+        let mut w = Work {
+            trace: self.opts.trace,
+            ..Default::default()
+        };
+        let Some(rid) = state.remote_id.clone() else {
+            return self.report(
+                kind,
+                &id,
+                w,
+                Action::Skipped,
+                "never provisioned".into(),
+                None,
+            );
+        };
+        let ep = endpoint(kind);
+        let deactivate = kind == Kind::User && self.cfg.on_delete == OnDelete::Deactivate;
+        let res = if deactivate {
+            let op = [PatchOperation::replace("active", Value::Bool(false))];
+            if self.opts.dry_run {
+                self.plan(
+                    &mut w,
+                    "PATCH",
+                    format!("/{ep}/{rid}"),
+                    Some(scim::patch_body(&op)),
+                );
+                Ok(())
+            } else if self.caps.patch {
+                self.client.patch(kind, &rid, &op).await
+            } else {
+                let mut body = state.last_resource.clone().unwrap_or(Value::Null);
+                if let Some(o) = body.as_object_mut() {
+                    o.insert("active".into(), Value::Bool(false));
+                }
+                self.client.replace(kind, &rid, &body).await
+            }
+        } else if self.opts.dry_run {
+            self.plan(&mut w, "DELETE", format!("/{ep}/{rid}"), None);
+            Ok(())
+        } else {
+            self.client.delete(kind, &rid).await
+        };
+        match res {
+            Ok(()) => {}
+            Err(e) if e.status() == Some(404) => {}
+            Err(e) => return self.failed(kind, &id, w, tfail(e)).await,
+        }
+        if !self.opts.dry_run {
+            if let Err(e) = self.store.delete_state(self.target(), kind, &id).await {
+                return self.failed(kind, &id, w, e.to_string()).await;
+            }
+        }
+        let verb = match (self.opts.dry_run, deactivate) {
+            (true, true) => "would deactivate",
+            (true, false) => "would delete",
+            (false, true) => "deactivated",
+            (false, false) => "deleted",
+        };
+        self.report(kind, &id, w, Action::Deleted, format!("{verb} {rid}"), None)
+    }
+
+    /// Provisions one user now (for `sync --user`), with a step-by-step trace.
+    pub async fn sync_one(&self, kind: Kind, id: &str) -> Result<ObjectReport, SyncError> {
+        let target = self.target().to_string();
+        let report = match kind {
+            Kind::User => match self.store.user(&target, id).await? {
+                Some((u, s)) => self.sync_user(u, s).await,
+                None => self.sync_gone(kind, id).await?,
+            },
+            Kind::Group => match self.store.group(&target, id).await? {
+                Some((g, m, s)) => self.sync_group(g, m, s, &HashSet::new()).await,
+                None => self.sync_gone(kind, id).await?,
+            },
+        };
+        if report.action == Action::OutOfScope {
+            let state = report.state.clone().unwrap_or_default();
+            let mut d = self.deprovision(kind, id.to_string(), state).await;
+            let mut steps = report.steps;
+            steps.append(&mut d.steps);
+            d.steps = steps;
+            return Ok(d);
+        }
+        Ok(report)
+    }
+
+    async fn sync_gone(&self, kind: Kind, id: &str) -> Result<ObjectReport, SyncError> {
+        let mut w = Work {
+            trace: self.opts.trace,
+            ..Default::default()
+        };
+        w.step(|| format!("directory: no {kind} with id {id:?}"));
+        match self.store.state(self.target(), kind, id).await? {
+            Some(s) if s.remote_id.is_some() => {
+                let mut d = self.deprovision(kind, id.to_string(), s).await;
+                w.steps.append(&mut d.steps);
+                d.steps = w.steps;
+                Ok(d)
+            }
+            _ => Ok(self.report(
+                kind,
+                id,
+                w,
+                Action::Skipped,
+                "not in the directory and not provisioned".into(),
+                None,
+            )),
+        }
+    }
+}
+
+/// The PATCH requests that bring a resource and its members from what was sent to what is
+/// wanted: attribute changes first, then member adds and removes, chunked.
+fn patch_requests(
+    prev: Option<&Value>,
+    desired: &Value,
+    prev_members: Option<&[String]>,
+    members: Option<&[String]>,
+) -> Vec<Vec<PatchOperation>> {
+    let empty = Value::Object(Default::default());
+    let mut ops = diff_attrs(prev.unwrap_or(&empty), desired);
+    if let Some(want) = members {
+        match prev_members {
+            Some(had) => {
+                let had_set: BTreeSet<&String> = had.iter().collect();
+                let want_set: BTreeSet<&String> = want.iter().collect();
+                let add: Vec<String> = want
+                    .iter()
+                    .filter(|m| !had_set.contains(m))
+                    .cloned()
+                    .collect();
+                for chunk in add.chunks(MEMBER_CHUNK) {
+                    ops.push(PatchOperation::add("members", scim::member_values(chunk)));
+                }
+                for m in had.iter().filter(|m| !want_set.contains(m)) {
+                    ops.push(PatchOperation::remove(&format!(
+                        "members[value eq {}]",
+                        Value::String(m.clone())
+                    )));
+                }
+            }
+            None => ops.push(PatchOperation::replace(
+                "members",
+                scim::member_values(want),
+            )),
+        }
+    }
+    ops.chunks(MEMBER_CHUNK).map(<[_]>::to_vec).collect()
+}
+
+fn diff_attrs(prev: &Value, desired: &Value) -> Vec<PatchOperation> {
+    scim::diff_ops(prev, desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn member_deltas_are_adds_and_removes() {
+        let g = json!({"schemas":[scim::GROUP_SCHEMA],"displayName":"G"});
+        let had = vec!["a".to_string(), "b".to_string()];
+        let want = vec!["b".to_string(), "c".to_string()];
+        let reqs = patch_requests(Some(&g), &g, Some(&had), Some(&want));
+        assert_eq!(
+            reqs,
+            vec![vec![
+                PatchOperation::add("members", json!([{"value":"c"}])),
+                PatchOperation::remove("members[value eq \"a\"]"),
+            ]]
+        );
+        assert!(patch_requests(Some(&g), &g, Some(&want), Some(&want)).is_empty());
+    }
+
+    #[test]
+    fn member_adds_are_chunked() {
+        let g = json!({"displayName":"G"});
+        let want: Vec<String> = (0..250).map(|i| format!("u{i:03}")).collect();
+        let reqs = patch_requests(Some(&g), &g, Some(&[]), Some(&want));
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].len(), 3);
+        let sizes: Vec<usize> = reqs[0]
+            .iter()
+            .map(|op| {
+                op.value
+                    .as_ref()
+                    .and_then(Value::as_array)
+                    .map_or(0, Vec::len)
+            })
+            .collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+    }
+}

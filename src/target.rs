@@ -1,0 +1,456 @@
+//! The HTTP client of one SCIM service provider: auth, capabilities, retries, typed errors.
+//!
+//! One pooled `reqwest::Client` per target. Transient failures (network, 408, 429, 5xx) are
+//! retried with exponential backoff and jitter, honouring Retry-After; everything else is
+//! returned to the engine as a typed error carrying status, scimType and detail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use crate::config::TargetConfig;
+use crate::directory::Kind;
+use crate::scim::{self, Capabilities, PatchOperation};
+
+/// Bodies larger than this are refused rather than buffered.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Attempts per request for transient failures (the first try included).
+const MAX_ATTEMPTS: usize = 4;
+/// The longest Retry-After scimsync will sit out within one request.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TargetError {
+    #[error("{target}: {method} {path}: HTTP {status}{}: {detail}", scim_type.as_ref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    Status {
+        target: String,
+        method: String,
+        path: String,
+        status: u16,
+        scim_type: Option<String>,
+        detail: String,
+    },
+    #[error("{target}: {method} {path}: {message}")]
+    Network {
+        target: String,
+        method: String,
+        path: String,
+        message: String,
+    },
+    #[error("{target}: {method} {path}: invalid response: {message}")]
+    Invalid {
+        target: String,
+        method: String,
+        path: String,
+        message: String,
+    },
+}
+
+impl TargetError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TargetError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED
+}
+
+/// Requests sent, by method (retries included).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    pub get: AtomicU64,
+    pub post: AtomicU64,
+    pub put: AtomicU64,
+    pub patch: AtomicU64,
+    pub delete: AtomicU64,
+}
+
+impl RequestStats {
+    fn count(&self, m: &Method) {
+        let c = match *m {
+            Method::POST => &self.post,
+            Method::PUT => &self.put,
+            Method::PATCH => &self.patch,
+            Method::DELETE => &self.delete,
+            _ => &self.get,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn writes(&self) -> u64 {
+        self.post.load(Ordering::Relaxed)
+            + self.put.load(Ordering::Relaxed)
+            + self.patch.load(Ordering::Relaxed)
+            + self.delete.load(Ordering::Relaxed)
+    }
+    pub fn total(&self) -> u64 {
+        self.writes() + self.get.load(Ordering::Relaxed)
+    }
+}
+
+pub struct TargetClient {
+    name: String,
+    base: Url,
+    http: reqwest::Client,
+    token: Option<String>,
+    caps: OnceCell<Capabilities>,
+    pub stats: Arc<RequestStats>,
+}
+
+/// A successful answer: status and parsed body (None for 204 or an empty body).
+struct Answer {
+    body: Option<Value>,
+}
+
+pub fn endpoint(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => "Users",
+        Kind::Group => "Groups",
+    }
+}
+
+impl TargetClient {
+    pub fn new(cfg: &TargetConfig) -> Result<TargetClient, TargetError> {
+        let invalid = |message: String| TargetError::Invalid {
+            target: cfg.name.clone(),
+            method: "-".into(),
+            path: "-".into(),
+            message,
+        };
+        let mut base = Url::parse(&cfg.url).map_err(|e| invalid(format!("bad url: {e}")))?;
+        if base.cannot_be_a_base() {
+            return Err(invalid("url cannot be a base".into()));
+        }
+        // Segments are pushed onto the base, so it must not end in an empty segment.
+        if let Ok(mut segs) = base.path_segments_mut() {
+            segs.pop_if_empty();
+        }
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout())
+            .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
+            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
+        Ok(TargetClient {
+            name: cfg.name.clone(),
+            base,
+            http,
+            token: cfg.auth.token.clone(),
+            caps: OnceCell::new(),
+            stats: Arc::new(RequestStats::default()),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut u = self.base.clone();
+        if let Ok(mut s) = u.path_segments_mut() {
+            s.extend(segments);
+        }
+        u
+    }
+
+    /// Capabilities from the target's ServiceProviderConfig, read once per client.
+    pub async fn capabilities(&self) -> Capabilities {
+        self.caps
+            .get_or_init(|| async {
+                match self.service_provider_config().await {
+                    Ok(v) if v.is_object() => Capabilities::from_spc(&v),
+                    Ok(_) => {
+                        tracing::warn!(target = %self.name, "ServiceProviderConfig is not a JSON object; assuming no PATCH, no filter, no bulk");
+                        Capabilities::conservative()
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %self.name, error = %e, "cannot read ServiceProviderConfig; assuming no PATCH, no filter, no bulk");
+                        Capabilities::conservative()
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    pub async fn service_provider_config(&self) -> Result<Value, TargetError> {
+        let a = self
+            .send(Method::GET, &["ServiceProviderConfig"], &[], None)
+            .await?;
+        Ok(a.body.unwrap_or(Value::Null))
+    }
+
+    /// GET of a discovery endpoint such as `ResourceTypes` or `Schemas`.
+    pub async fn discovery(&self, what: &str) -> Result<Value, TargetError> {
+        let a = self.send(Method::GET, &[what], &[], None).await?;
+        Ok(a.body.unwrap_or(Value::Null))
+    }
+
+    /// POST; returns the created resource, which must carry an `id`.
+    pub async fn create(&self, kind: Kind, body: &Value) -> Result<Value, TargetError> {
+        let ep = endpoint(kind);
+        let a = self.send(Method::POST, &[ep], &[], Some(body)).await?;
+        let created = a.body.unwrap_or(Value::Null);
+        if created
+            .get("id")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err(TargetError::Invalid {
+                target: self.name.clone(),
+                method: "POST".into(),
+                path: format!("/{ep}"),
+                message: "the created resource has no \"id\"".into(),
+            });
+        }
+        Ok(created)
+    }
+
+    /// GET by id; `None` when the target answers 404.
+    pub async fn get(&self, kind: Kind, id: &str) -> Result<Option<Value>, TargetError> {
+        match self
+            .send(Method::GET, &[endpoint(kind), id], &[], None)
+            .await
+        {
+            Ok(a) => Ok(a.body),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// GET with a filter; the resources of the first page.
+    pub async fn find(&self, kind: Kind, filter: &str) -> Result<Vec<Value>, TargetError> {
+        let ep = endpoint(kind);
+        let a = self
+            .send(Method::GET, &[ep], &[("filter", filter)], None)
+            .await?;
+        self.resources(a.body, &format!("/{ep}"))
+    }
+
+    /// One page of a listing (1-based `start`).
+    pub async fn list(
+        &self,
+        kind: Kind,
+        start: usize,
+        count: usize,
+    ) -> Result<Vec<Value>, TargetError> {
+        let ep = endpoint(kind);
+        let (s, c) = (start.to_string(), count.to_string());
+        let a = self
+            .send(
+                Method::GET,
+                &[ep],
+                &[("startIndex", &s), ("count", &c)],
+                None,
+            )
+            .await?;
+        self.resources(a.body, &format!("/{ep}"))
+    }
+
+    fn resources(&self, body: Option<Value>, path: &str) -> Result<Vec<Value>, TargetError> {
+        let invalid = |message: &str| TargetError::Invalid {
+            target: self.name.clone(),
+            method: "GET".into(),
+            path: path.to_string(),
+            message: message.to_string(),
+        };
+        let body = body.ok_or_else(|| invalid("empty body where a ListResponse was expected"))?;
+        match body.get("Resources") {
+            Some(Value::Array(items)) => Ok(items.clone()),
+            // RFC 7644 allows omitting Resources when there are none.
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(_) => Err(invalid("\"Resources\" is not an array")),
+        }
+    }
+
+    pub async fn replace(&self, kind: Kind, id: &str, body: &Value) -> Result<(), TargetError> {
+        self.send(Method::PUT, &[endpoint(kind), id], &[], Some(body))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn patch(
+        &self,
+        kind: Kind,
+        id: &str,
+        ops: &[PatchOperation],
+    ) -> Result<(), TargetError> {
+        let body = scim::patch_body(ops);
+        self.send(Method::PATCH, &[endpoint(kind), id], &[], Some(&body))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), TargetError> {
+        self.send(Method::DELETE, &[endpoint(kind), id], &[], None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Answer, TargetError> {
+        let url = self.url(segments);
+        let path = format!("/{}", segments.join("/"));
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(10))
+            .with_max_times(MAX_ATTEMPTS - 1)
+            .with_jitter()
+            .build();
+        loop {
+            let res = self.attempt(&method, &url, &path, query, body).await;
+            let (err, retry_after) = match res {
+                Ok(a) => return Ok(a),
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Transient(e, ra)) => (e, ra),
+            };
+            let Some(delay) = backoff.next() else {
+                return Err(err);
+            };
+            let delay = retry_after.map_or(delay, |ra| ra.min(MAX_RETRY_AFTER).max(delay));
+            tracing::debug!(target = %self.name, %method, %path, error = %err, ?delay, "transient failure; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &Url,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&Value>,
+    ) -> Result<Answer, Attempt> {
+        let mk = |message: String| TargetError::Network {
+            target: self.name.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+            message,
+        };
+        let mut req = self.http.request(method.clone(), url.clone()).header(
+            reqwest::header::ACCEPT,
+            "application/scim+json, application/json",
+        );
+        if !query.is_empty() {
+            req = req.query(query);
+        }
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
+                .body(b.to_string());
+        }
+        self.stats.count(method);
+        let mut resp = req
+            .send()
+            .await
+            .map_err(|e| Attempt::Transient(mk(describe_reqwest(&e)), None))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if bytes.len() + c.len() > MAX_BODY {
+                        return Err(Attempt::Final(TargetError::Invalid {
+                            target: self.name.clone(),
+                            method: method.to_string(),
+                            path: path.to_string(),
+                            message: format!("response body exceeds {MAX_BODY} bytes"),
+                        }));
+                    }
+                    bytes.extend_from_slice(&c);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Attempt::Transient(mk(describe_reqwest(&e)), None)),
+            }
+        }
+        if status.is_success() {
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Answer { body: None });
+            }
+            return match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) => Ok(Answer { body: Some(v) }),
+                Err(e) => Err(Attempt::Final(TargetError::Invalid {
+                    target: self.name.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    message: format!(
+                        "HTTP {} with a body that is not JSON ({e}): {}",
+                        status.as_u16(),
+                        snippet(&bytes)
+                    ),
+                })),
+            };
+        }
+        let parsed: Option<scim::ErrorBody> = serde_json::from_slice(&bytes).ok();
+        let (scim_type, detail) = match parsed {
+            Some(b) => (b.scim_type, b.detail.unwrap_or_else(|| snippet(&bytes))),
+            None => (None, snippet(&bytes)),
+        };
+        let err = TargetError::Status {
+            target: self.name.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+            status: status.as_u16(),
+            scim_type,
+            detail,
+        };
+        if is_transient(status) {
+            Err(Attempt::Transient(err, retry_after))
+        } else {
+            Err(Attempt::Final(err))
+        }
+    }
+}
+
+enum Attempt {
+    Transient(TargetError, Option<Duration>),
+    Final(TargetError),
+}
+
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "request timed out".into()
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        e.to_string()
+    }
+}
+
+/// The first bytes of a body, printable, for error messages (HTML error pages, truncation).
+fn snippet(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.is_empty() {
+        return "(empty body)".into();
+    }
+    let mut s: String = one_line.chars().take(200).collect();
+    if one_line.chars().count() > 200 {
+        s.push('…');
+    }
+    s
+}
