@@ -338,17 +338,20 @@ impl Engine {
             summary.held_back = Some(why);
             return Ok(());
         }
-        // Groups first, so users leave their groups with the groups, not one PATCH at a time.
-        leaving.sort_by_key(|(k, _, _)| std::cmp::Reverse(*k));
         progress.phase(&target, "deprovision", leaving.len() as u64);
-        let reports: Vec<ObjectReport> = futures::stream::iter(leaving)
-            .map(|(k, id, s)| self.deprovision(k, id, s))
-            .buffer_unordered(self.cfg.concurrency)
-            .collect()
-            .await;
-        for r in reports {
-            summary.add(r);
-            progress.advance(1);
+        // Groups first, so users leave their groups with the groups, not one PATCH at a time.
+        let (groups, users): (Vec<_>, Vec<_>) =
+            leaving.into_iter().partition(|(k, _, _)| *k == Kind::Group);
+        for phase in [groups, users] {
+            let reports: Vec<ObjectReport> = futures::stream::iter(phase)
+                .map(|(k, id, s)| self.deprovision(k, id, s))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+            for r in reports {
+                summary.add(r);
+                progress.advance(1);
+            }
         }
         Ok(())
     }
@@ -941,7 +944,7 @@ fn patch_requests(
     members: Option<&[String]>,
 ) -> Vec<Vec<PatchOperation>> {
     let empty = Value::Object(Default::default());
-    let mut ops = diff_attrs(prev.unwrap_or(&empty), desired);
+    let mut ops = scim::diff_ops(prev.unwrap_or(&empty), desired);
     if let Some(want) = members {
         match prev_members {
             Some(had) => {
@@ -969,10 +972,6 @@ fn patch_requests(
         }
     }
     ops.chunks(MEMBER_CHUNK).map(<[_]>::to_vec).collect()
-}
-
-fn diff_attrs(prev: &Value, desired: &Value) -> Vec<PatchOperation> {
-    scim::diff_ops(prev, desired)
 }
 
 #[cfg(test)]

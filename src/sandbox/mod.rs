@@ -206,10 +206,12 @@ impl SandboxHandle {
     pub fn groups(&self) -> Vec<Value> {
         lock(&self.shared.store).groups.values().cloned().collect()
     }
-    /// Stores a user directly, as if created by someone else; returns its id.
-    pub fn insert_user(&self, user: Value) -> Result<String, String> {
+    /// Stores a resource (`"Users"` or `"Groups"`) directly, as if created by someone else;
+    /// returns its id.
+    pub fn insert(&self, kind: &str, resource: Value) -> Result<String, String> {
+        let r = Res::parse(kind).ok_or_else(|| format!("no resource type {kind:?}"))?;
         let mut st = lock(&self.shared.store);
-        create_in(&mut st, &self.shared.base_url, Res::Users, user)
+        create_in(&mut st, &self.shared.base_url, r, resource)
             .map(|v| v["id"].as_str().unwrap_or_default().to_string())
             .map_err(|(_, _, d)| d)
     }

@@ -1,0 +1,219 @@
+//! The real binary: commands, output and exit codes (0 ok, 1 failures, 2 bad usage/config).
+
+use std::path::Path;
+use std::process::Output;
+
+use scimsync::sandbox::{self, SandboxOptions};
+
+async fn scimsync(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_scimsync"));
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .env("SCIM_TOKEN", "cli-token")
+        .env_remove("SCIMSYNC_CONFIG");
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn scimsync");
+    if let Some(mut i) = child.stdin.take() {
+        if let Some(text) = stdin {
+            i.write_all(text.as_bytes()).await.expect("stdin");
+        }
+    }
+    child.wait_with_output().await.expect("scimsync runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write_config(dir: &Path, url: &str, extra: &str) -> std::path::PathBuf {
+    let mappings = dir.join("mappings");
+    for (kind, (name, body)) in [
+        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
+        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
+    ] {
+        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
+        std::fs::write(mappings.join(kind).join(name), body).expect("write");
+    }
+    let cfg = format!(
+        "[database]\nurl = \"sqlite://{}\"\n\n[[target]]\nname = \"sandbox\"\nurl = \"{url}\"\nmappings = \"mappings\"\n{extra}\n[target.auth]\nmode = \"token\"\ntoken = \"${{SCIM_TOKEN}}\"\n",
+        dir.join("cli.db").display()
+    );
+    let path = dir.join("scimsync.toml");
+    std::fs::write(&path, cfg).expect("config");
+    path
+}
+
+const DIRECTORY: &str = "{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice Smith\",\"email\":\"alice@example.com\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\"}\n{\"kind\":\"group\",\"id\":\"g-1\",\"name\":\"Eng\",\"members\":[\"u-1\",\"u-2\"]}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_work_end_to_end() {
+    let sb = sandbox::start(SandboxOptions {
+        token: Some("cli-token".into()),
+        patch: true,
+    })
+    .await
+    .expect("sandbox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &sb.url, "");
+
+    let out = scimsync(&cfg, &["directory", "import", "-"], Some(DIRECTORY)).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("2 user(s) and 2 group(s) changed"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = scimsync(&cfg, &["check"], None).await;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("patch=true filter=true"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = scimsync(&cfg, &["plan", "--format", "json"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("plan is JSON");
+    assert_eq!(
+        plan[0]["requests"].as_array().map(Vec::len),
+        Some(3),
+        "{plan}"
+    );
+    assert!(sb.writes().is_empty(), "plan sent nothing");
+
+    let out = scimsync(&cfg, &["sync", "--full"], None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("created") && stdout.contains("sandbox"),
+        "{stdout}"
+    );
+    assert_eq!(sb.users().len(), 2);
+    assert_eq!(sb.groups().len(), 1);
+
+    let out = scimsync(&cfg, &["sync", "--user", "u-1"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("unchanged since last sent"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = scimsync(
+        &cfg,
+        &["mapping", "test", "--target", "sandbox", "--user", "u-1"],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resource JSON");
+    assert_eq!(doc["userName"], "alice");
+
+    let out = scimsync(&cfg, &["status"], None).await;
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("succeeded")
+            && text(&out.stdout).contains("no object is failing"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = scimsync(&cfg, &["directory", "export"], None).await;
+    assert!(out.status.success());
+    let exported = text(&out.stdout);
+    assert_eq!(exported.lines().count(), 3);
+    assert!(
+        exported
+            .lines()
+            .all(|l| scimsync::directory::parse_record(l).is_ok()),
+        "{exported}"
+    );
+
+    // A broken mapping fails objects: exit 1, and status lists them.
+    std::fs::write(
+        dir.path().join("mappings/user/50-broken.rhai"),
+        "#{ userName: 42 }",
+    )
+    .expect("write");
+    let out = scimsync(&cfg, &["sync", "--full"], None).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("userName: must be a string"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = scimsync(&cfg, &["status"], None).await;
+    assert!(
+        text(&out.stdout).contains("failing objects"),
+        "{}",
+        text(&out.stdout)
+    );
+    sb.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "http://127.0.0.1:9/scim/v2", "");
+    let out = scimsync(&cfg, &["directory", "import", "-"], Some("{\"kind\":\"user\",\"id\":\"a\",\"username\":\"a\"}\n{\"kind\":\"user\",\"id\":\"b\"}\n")).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("line 2") && err.contains("username") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    let out = scimsync(&cfg, &["directory", "export"], None).await;
+    assert_eq!(
+        text(&out.stdout),
+        "",
+        "the good line 1 was not imported either"
+    );
+
+    let cfg = write_config(dir.path(), "http://127.0.0.1:9/scim/v2", "colour = \"red\"");
+    let out = scimsync(&cfg, &["sync", "--full"], None).await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("scimsync.toml")
+            && err.contains("target[0] (\"sandbox\")")
+            && err.contains("colour"),
+        "{err}"
+    );
+
+    let out = scimsync(&cfg, &["sync"], None).await;
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
+
+#[tokio::test]
+async fn demo_runs_and_converges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = scimsync(
+        &dir.path().join("absent.toml"),
+        &["demo", "--users", "40"],
+        None,
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("write requests in the second sync: 0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"userName\""), "{stdout}");
+}

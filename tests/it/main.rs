@@ -1,0 +1,8 @@
+//! One integration-test binary (fast linking): scenarios against the sandbox on SQLite and
+//! PostgreSQL, import, the CLI, and interop with a third-party SCIM server.
+
+mod cli;
+mod harness;
+mod import;
+mod interop;
+mod scenarios;
