@@ -556,6 +556,14 @@ token = "${TOKEN}"
     }
 
     #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../config.example.toml");
+        let cfg = Config::parse(text, Path::new("config.example.toml"), |_| Some("t".into()))
+            .expect("config.example.toml parses");
+        assert_eq!(cfg.targets.len(), 1);
+    }
+
+    #[test]
     fn deletion_limits() {
         assert!(DeletionLimit::Percent(10.0).allows(5, 10));
         assert!(!DeletionLimit::Percent(10.0).allows(6, 10));

@@ -67,6 +67,17 @@ pub struct SyncState {
     pub attempts: i64,
 }
 
+/// What the target holds after a successful write.
+#[derive(Debug, Clone, Copy)]
+pub struct Synced<'a> {
+    pub remote_id: &'a str,
+    /// Hash of `resource`, compared on the next run to skip unchanged objects.
+    pub hash: &'a str,
+    pub resource: &'a Value,
+    /// Remote ids of the members sent (groups only).
+    pub members: Option<&'a [String]>,
+}
+
 /// A provisioned object whose directory object is gone.
 #[derive(Debug, Clone)]
 pub struct Orphan {
@@ -698,19 +709,16 @@ impl Store {
         target: &str,
         kind: Kind,
         local_id: &str,
-        remote_id: &str,
-        resource_hash: &str,
-        resource: &Value,
-        members: Option<&[String]>,
+        synced: Synced<'_>,
     ) -> Result<(), StoreError> {
-        let members = members.map(|m| Value::from(m.to_vec()).to_string());
+        let members = synced.members.map(|m| Value::from(m.to_vec()).to_string());
         on_pool!(self, |p| sqlx::query(SAVE_SYNCED)
             .bind(target)
             .bind(kind.as_str())
             .bind(local_id)
-            .bind(remote_id)
-            .bind(resource_hash)
-            .bind(resource.to_string())
+            .bind(synced.remote_id)
+            .bind(synced.hash)
+            .bind(synced.resource.to_string())
             .bind(members)
             .bind(now_ms())
             .execute(p)

@@ -15,7 +15,7 @@ use crate::config::{OnDelete, TargetConfig};
 use crate::directory::{Group, Kind, User, hash_json};
 use crate::mapping::{MapOutcome, Mappings, TargetInfo};
 use crate::scim::{self, Capabilities, PatchOperation};
-use crate::store::{Member, RunCounts, Store, StoreError, SyncState};
+use crate::store::{Member, RunCounts, Store, StoreError, SyncState, Synced};
 use crate::target::{TargetClient, TargetError, endpoint};
 
 /// Member values per PATCH operation and operations per PATCH request.
@@ -279,11 +279,11 @@ impl Engine {
                 .collect()
                 .await;
             for mut r in reports {
-                if r.action == Action::OutOfScope {
-                    if let Some(s) = r.state.take() {
-                        leaving_users.insert(r.id.clone());
-                        leaving.push((Kind::User, r.id.clone(), s));
-                    }
+                if r.action == Action::OutOfScope
+                    && let Some(s) = r.state.take()
+                {
+                    leaving_users.insert(r.id.clone());
+                    leaving.push((Kind::User, r.id.clone(), s));
                 }
                 summary.add(r);
             }
@@ -310,10 +310,10 @@ impl Engine {
                 .collect()
                 .await;
             for mut r in reports {
-                if r.action == Action::OutOfScope {
-                    if let Some(s) = r.state.take() {
-                        leaving.push((Kind::Group, r.id.clone(), s));
-                    }
+                if r.action == Action::OutOfScope
+                    && let Some(s) = r.state.take()
+                {
+                    leaving.push((Kind::Group, r.id.clone(), s));
                 }
                 summary.add(r);
             }
@@ -409,14 +409,13 @@ impl Engine {
     async fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
         w.step(|| format!("failed: {error}"));
         tracing::warn!(target = %self.cfg.name, %kind, id, error = %error, "object failed");
-        if !self.opts.dry_run {
-            if let Err(e) = self
+        if !self.opts.dry_run
+            && let Err(e) = self
                 .store
                 .save_failed(self.target(), kind, id, &error)
                 .await
-            {
-                tracing::error!(target = %self.cfg.name, %kind, id, error = %e, "cannot record failure");
-            }
+        {
+            tracing::error!(target = %self.cfg.name, %kind, id, error = %e, "cannot record failure");
         }
         self.report(kind, id, w, Action::Failed, error, None)
     }
@@ -605,12 +604,13 @@ impl Engine {
             return Ok((Action::Created, "would create".into()));
         }
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
-        if kind == Kind::Group && self.caps.filter {
-            if let Some(remote) = self.lookup(kind, desired, w).await? {
-                return self
-                    .adopt(kind, id, remote, desired, hash, members, w)
-                    .await;
-            }
+        if kind == Kind::Group
+            && self.caps.filter
+            && let Some(remote) = self.lookup(kind, desired, w).await?
+        {
+            return self
+                .adopt(kind, id, remote, desired, hash, members, w)
+                .await;
         }
         w.step(|| format!("request: POST /{ep} {body}"));
         match self.client.create(kind, &body).await {
@@ -622,7 +622,17 @@ impl Engine {
                     .to_string();
                 w.step(|| format!("response: created, remote id {rid}"));
                 self.store
-                    .save_synced(self.target(), kind, id, &rid, hash, desired, members)
+                    .save_synced(
+                        self.target(),
+                        kind,
+                        id,
+                        Synced {
+                            remote_id: &rid,
+                            hash,
+                            resource: desired,
+                            members,
+                        },
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok((Action::Created, format!("created as {rid}")))
@@ -766,7 +776,17 @@ impl Engine {
             Ok(()) => {
                 if !self.opts.dry_run {
                     self.store
-                        .save_synced(self.target(), kind, id, rid, hash, desired, members)
+                        .save_synced(
+                            self.target(),
+                            kind,
+                            id,
+                            Synced {
+                                remote_id: rid,
+                                hash,
+                                resource: desired,
+                                members,
+                            },
+                        )
                         .await
                         .map_err(|e| e.to_string())?;
                 }
@@ -818,7 +838,17 @@ impl Engine {
             .unwrap_or_default()
             .to_string();
         self.store
-            .save_synced(self.target(), kind, id, &rid, hash, desired, members)
+            .save_synced(
+                self.target(),
+                kind,
+                id,
+                Synced {
+                    remote_id: &rid,
+                    hash,
+                    resource: desired,
+                    members,
+                },
+            )
             .await
             .map_err(|e| e.to_string())?;
         Ok((Action::Created, format!("created as {rid}")))
@@ -872,10 +902,10 @@ impl Engine {
             Err(e) if e.status() == Some(404) => {}
             Err(e) => return self.failed(kind, &id, w, tfail(e)).await,
         }
-        if !self.opts.dry_run {
-            if let Err(e) = self.store.delete_state(self.target(), kind, &id).await {
-                return self.failed(kind, &id, w, e.to_string()).await;
-            }
+        if !self.opts.dry_run
+            && let Err(e) = self.store.delete_state(self.target(), kind, &id).await
+        {
+            return self.failed(kind, &id, w, e.to_string()).await;
         }
         let verb = match (self.opts.dry_run, deactivate) {
             (true, true) => "would deactivate",

@@ -503,19 +503,19 @@ fn check(st: &Store, r: Res, id: &str, v: &Value) -> Result<(), Failure> {
             format!("{key} {val:?} is already in use"),
         ));
     }
-    if r == Res::Groups {
-        if let Some(members) = filter::get_ci(v, "members") {
-            let items = members
-                .as_array()
-                .ok_or_else(|| invalid("members must be an array".into()))?;
-            for m in items {
-                let mv = m
-                    .get("value")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid("every member needs a string value".into()))?;
-                if !st.users.contains_key(mv) && !st.groups.contains_key(mv) {
-                    return Err(invalid(format!("member {mv:?} does not exist")));
-                }
+    if r == Res::Groups
+        && let Some(members) = filter::get_ci(v, "members")
+    {
+        let items = members
+            .as_array()
+            .ok_or_else(|| invalid("members must be an array".into()))?;
+        for m in items {
+            let mv = m
+                .get("value")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("every member needs a string value".into()))?;
+            if !st.users.contains_key(mv) && !st.groups.contains_key(mv) {
+                return Err(invalid(format!("member {mv:?} does not exist")));
             }
         }
     }

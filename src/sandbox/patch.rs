@@ -135,14 +135,13 @@ pub fn apply(resource: &mut Value, op: &Value) -> Result<(), PatchError> {
     let r = resource
         .as_object_mut()
         .ok_or(("invalidSyntax", "resource is not an object".to_string()))?;
-    if let Some(p) = &path {
-        if p.container.is_none()
-            && ["id", "meta", "schemas"]
-                .iter()
-                .any(|a| p.attr.eq_ignore_ascii_case(a))
-        {
-            return Err(("mutability", format!("{} cannot be modified", p.attr)));
-        }
+    if let Some(p) = &path
+        && p.container.is_none()
+        && ["id", "meta", "schemas"]
+            .iter()
+            .any(|a| p.attr.eq_ignore_ascii_case(a))
+    {
+        return Err(("mutability", format!("{} cannot be modified", p.attr)));
     }
     match (name.as_str(), path) {
         ("add" | "replace", None) => {

@@ -17,10 +17,11 @@ async fn scimsync(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().expect("spawn scimsync");
-    if let Some(mut i) = child.stdin.take() {
-        if let Some(text) = stdin {
-            i.write_all(text.as_bytes()).await.expect("stdin");
-        }
+    // Dropping stdin closes it, so `import -` sees end of input.
+    if let Some(mut i) = child.stdin.take()
+        && let Some(text) = stdin
+    {
+        i.write_all(text.as_bytes()).await.expect("stdin");
     }
     child.wait_with_output().await.expect("scimsync runs")
 }
