@@ -170,7 +170,16 @@ pub async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors often embed their source's text already; print each cause once.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("error: {msg}");
             if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<ConfigError>().is_some()
             {
                 ExitCode::from(2)

@@ -328,7 +328,14 @@ impl Config {
             ConfigError::Key {
                 path: path.to_path_buf(),
                 key,
-                message: e.into_inner().to_string(),
+                // The toml deserializer appends "\nin `table`"; the key path already says it.
+                message: e
+                    .into_inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
             }
         })?;
         cfg.validate().map_err(|(key, message)| ConfigError::Key {
