@@ -2,7 +2,9 @@
 //! PostgreSQL, import, the CLI, and interop with a third-party SCIM server.
 
 mod cli;
+mod client;
 mod harness;
 mod import;
 mod interop;
+mod sandbox;
 mod scenarios;
