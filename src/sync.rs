@@ -597,10 +597,9 @@ impl Engine {
         members: Option<&[String]>,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
-        let body = Self::with_members(desired, members);
-        let ep = endpoint(kind);
         if self.opts.dry_run {
-            self.plan(w, "POST", format!("/{ep}"), Some(body));
+            let body = Self::with_members(desired, members);
+            self.plan(w, "POST", format!("/{}", endpoint(kind)), Some(body));
             return Ok((Action::Created, "would create".into()));
         }
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
@@ -612,31 +611,8 @@ impl Engine {
                 .adopt(kind, id, remote, desired, hash, members, w)
                 .await;
         }
-        w.step(|| format!("request: POST /{ep} {body}"));
-        match self.client.create(kind, &body).await {
-            Ok(created) => {
-                let rid = created
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                w.step(|| format!("response: created, remote id {rid}"));
-                self.store
-                    .save_synced(
-                        self.target(),
-                        kind,
-                        id,
-                        Synced {
-                            remote_id: &rid,
-                            hash,
-                            resource: desired,
-                            members,
-                        },
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok((Action::Created, format!("created as {rid}")))
-            }
+        match self.post(kind, id, desired, hash, members, w).await? {
+            Ok(done) => Ok(done),
             Err(e) if e.status() == Some(409) => {
                 w.step(|| format!("response: {e}"));
                 match self.lookup(kind, desired, w).await? {
@@ -806,8 +782,9 @@ impl Engine {
                     }
                     None => {
                         let (_, detail) = self
-                            .create_fresh(kind, id, desired, hash, members, w)
-                            .await?;
+                            .post(kind, id, desired, hash, members, w)
+                            .await?
+                            .map_err(tfail)?;
                         Ok((
                             Action::Created,
                             format!("re-created after remote deletion: {detail}"),
@@ -819,8 +796,9 @@ impl Engine {
         }
     }
 
-    /// POST without group lookup (the lookup already found nothing).
-    async fn create_fresh(
+    /// POST and record the new remote object. The target's own error comes back separately, so
+    /// the caller decides what a 409 means.
+    async fn post(
         &self,
         kind: Kind,
         id: &str,
@@ -828,30 +806,30 @@ impl Engine {
         hash: &str,
         members: Option<&[String]>,
         w: &mut Work,
-    ) -> Result<(Action, String), Fail> {
+    ) -> Result<Result<(Action, String), TargetError>, Fail> {
         let body = Self::with_members(desired, members);
         w.step(|| format!("request: POST /{} {body}", endpoint(kind)));
-        let created = self.client.create(kind, &body).await.map_err(tfail)?;
+        let created = match self.client.create(kind, &body).await {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
         let rid = created
             .get("id")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        w.step(|| format!("response: created, remote id {rid}"));
+        let synced = Synced {
+            remote_id: &rid,
+            hash,
+            resource: desired,
+            members,
+        };
         self.store
-            .save_synced(
-                self.target(),
-                kind,
-                id,
-                Synced {
-                    remote_id: &rid,
-                    hash,
-                    resource: desired,
-                    members,
-                },
-            )
+            .save_synced(self.target(), kind, id, synced)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((Action::Created, format!("created as {rid}")))
+        Ok(Ok((Action::Created, format!("created as {rid}"))))
     }
 
     /// DELETE (or deactivate) one object; its record goes only once the target confirmed.
