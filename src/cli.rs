@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::config::{Config, ConfigError, TargetConfig};
 use crate::directory::{self, Kind, Record};
-use crate::mapping::{MapOutcome, Mappings, TargetInfo};
+use crate::mapping::{LiveMappings, MapOutcome, Mappings, TargetInfo};
 use crate::sandbox::{self, SandboxOptions};
 use crate::store::Store;
 use crate::sync::{Engine, NoProgress, Progress, RunSummary, SyncOptions};
@@ -136,11 +136,23 @@ enum MappingCommand {
     Test {
         #[arg(long)]
         target: String,
-        #[arg(long, conflicts_with = "group", required_unless_present = "group")]
-        user: Option<String>,
-        #[arg(long)]
-        group: Option<String>,
+        #[command(flatten)]
+        object: TestObject,
     },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct TestObject {
+    /// A directory user, by id.
+    #[arg(long)]
+    user: Option<String>,
+    /// A directory group, by id.
+    #[arg(long)]
+    group: Option<String>,
+    /// A directory object in the import format (one JSON object), not necessarily imported.
+    #[arg(long)]
+    file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -246,11 +258,9 @@ async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<Exi
             import(store, &file, prune).await
         }
         Command::Directory(DirectoryCommand::Export) => export(store).await,
-        Command::Mapping(MappingCommand::Test {
-            target,
-            user,
-            group,
-        }) => mapping_test(store, cfg, &target, user, group).await,
+        Command::Mapping(MappingCommand::Test { target, object }) => {
+            mapping_test(store, cfg, &target, object).await
+        }
         Command::Check { target } => check(&select_targets(cfg, target.as_deref())?).await,
         Command::Status { target } => status(store, target.as_deref()).await,
         Command::Migrate => {
@@ -279,7 +289,10 @@ fn load_mappings(t: &TargetConfig) -> Result<Mappings> {
 }
 
 async fn engine(store: &Store, t: &TargetConfig, opts: SyncOptions) -> Result<Engine> {
-    let mappings = load_mappings(t)?;
+    let mappings = Arc::new(
+        LiveMappings::load(&t.mappings)
+            .map_err(|e| UsageError(format!("target {:?}: {e}", t.name)))?,
+    );
     let client = TargetClient::new(t).map_err(|e| UsageError(e.to_string()))?;
     Ok(Engine::new(store.clone(), Arc::new(client), t.clone(), mappings, opts).await)
 }
@@ -498,8 +511,7 @@ async fn mapping_test(
     store: &Store,
     cfg: &Config,
     target: &str,
-    user: Option<String>,
-    group: Option<String>,
+    object: TestObject,
 ) -> Result<ExitCode> {
     let t = select_targets(cfg, Some(target))?.remove(0);
     let m = load_mappings(&t)?;
@@ -507,22 +519,35 @@ async fn mapping_test(
         name: t.name.clone(),
         compatibility: t.compatibility.to_string(),
     };
-    let (kind, outcome) = match (user, group) {
-        (Some(id), _) => {
+    let (kind, outcome) = match (object.user, object.group, object.file) {
+        (_, _, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            let rec = directory::parse_record(text.trim())
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            match rec {
+                Record::User(u) => (Kind::User, m.map_user(&u, &info)),
+                Record::Group(g) => (Kind::Group, m.map_group(&g, &info)),
+                Record::DeleteUser(_) | Record::DeleteGroup(_) => {
+                    return Err(anyhow!("{}: a deletion has nothing to map", path.display()));
+                }
+            }
+        }
+        (Some(id), _, _) => {
             let (u, _) = store
                 .user(&t.name, &id)
                 .await?
                 .ok_or_else(|| anyhow!("no user {id:?} in the directory"))?;
             (Kind::User, m.map_user(&u, &info))
         }
-        (_, Some(id)) => {
+        (_, Some(id), _) => {
             let (g, _, _) = store
                 .group(&t.name, &id)
                 .await?
                 .ok_or_else(|| anyhow!("no group {id:?} in the directory"))?;
             (Kind::Group, m.map_group(&g, &info))
         }
-        _ => return Err(UsageError("--user or --group".into()).into()),
+        _ => return Err(UsageError("--user, --group or --file".into()).into()),
     };
     match outcome {
         Ok(MapOutcome::Resource(doc)) => match crate::scim::validate(kind, &doc) {

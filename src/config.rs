@@ -113,6 +113,16 @@ impl fmt::Display for Compatibility {
     }
 }
 
+/// Whether mapped resources are also checked against the schemas the target publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaCheck {
+    #[default]
+    Off,
+    Warn,
+    Strict,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OnDelete {
@@ -237,6 +247,8 @@ pub struct TargetConfig {
     pub max_deletions: DeletionLimit,
     #[serde(default)]
     pub dry_run: bool,
+    #[serde(default)]
+    pub schema_check: SchemaCheck,
     /// Seconds before one HTTP request to this target is abandoned.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
@@ -273,6 +285,7 @@ impl TargetConfig {
             on_delete: OnDelete::Delete,
             max_deletions: DeletionLimit::default(),
             dry_run: false,
+            schema_check: SchemaCheck::Off,
             timeout_seconds: default_timeout(),
             concurrency: default_concurrency(),
             auth: AuthConfig {

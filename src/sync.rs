@@ -11,9 +11,9 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{OnDelete, TargetConfig};
+use crate::config::{OnDelete, SchemaCheck, TargetConfig};
 use crate::directory::{Group, Kind, User, hash_json};
-use crate::mapping::{MapOutcome, Mappings, TargetInfo};
+use crate::mapping::{LiveMappings, MapOutcome, TargetInfo};
 use crate::scim::{self, Capabilities, PatchOperation};
 use crate::store::{Member, RunCounts, Store, StoreError, SyncState, Synced};
 use crate::target::{TargetClient, TargetError, endpoint};
@@ -152,10 +152,14 @@ pub struct Engine {
     store: Store,
     client: Arc<TargetClient>,
     cfg: TargetConfig,
-    mappings: Mappings,
+    mappings: Arc<LiveMappings>,
     opts: SyncOptions,
     caps: Capabilities,
     info: TargetInfo,
+    /// The target's published schemas, when `schema_check` is on and they could be read.
+    target_schemas: Option<scim::schema::TargetSchemas>,
+    /// Schema-check warnings already logged, so each is logged once per run.
+    warned: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Per-object scratch: the trace and the requests a dry run would send.
@@ -186,10 +190,14 @@ impl Engine {
         store: Store,
         client: Arc<TargetClient>,
         cfg: TargetConfig,
-        mappings: Mappings,
+        mappings: Arc<LiveMappings>,
         opts: SyncOptions,
     ) -> Engine {
         let caps = client.capabilities().await;
+        let target_schemas = match cfg.schema_check {
+            SchemaCheck::Off => None,
+            SchemaCheck::Warn | SchemaCheck::Strict => client.schemas().await,
+        };
         let info = TargetInfo {
             name: cfg.name.clone(),
             compatibility: cfg.compatibility.to_string(),
@@ -207,6 +215,24 @@ impl Engine {
             opts,
             caps,
             info,
+            target_schemas,
+            warned: std::sync::Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Picks up edited mapping scripts between batches; a broken edit keeps the last good
+    /// version and is logged once.
+    fn refresh_mappings(&self) {
+        match self.mappings.refresh() {
+            Ok(true) => {
+                tracing::info!(target = %self.cfg.name, "mapping scripts changed; reloaded")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(
+                target = %self.cfg.name,
+                error = %e,
+                "mapping scripts changed but do not compile; still using the last good version"
+            ),
         }
     }
 
@@ -269,6 +295,7 @@ impl Engine {
         progress.phase(&target, "users", self.store.count(Kind::User).await? as u64);
         let mut after = String::new();
         loop {
+            self.refresh_mappings();
             let batch = self.store.user_batch(&target, &after, limit).await?;
             let Some((last, _)) = batch.last() else { break };
             after = last.id.clone();
@@ -297,6 +324,7 @@ impl Engine {
         );
         let mut after = String::new();
         loop {
+            self.refresh_mappings();
             let batch = self.store.group_batch(&target, &after, limit).await?;
             let Some((last, _, _)) = batch.last() else {
                 break;
@@ -408,7 +436,7 @@ impl Engine {
 
     async fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
         w.step(|| format!("failed: {error}"));
-        tracing::warn!(target = %self.cfg.name, %kind, id, error = %error, "object failed");
+        tracing::debug!(target = %self.cfg.name, %kind, id, error = %error, "object failed");
         if !self.opts.dry_run
             && let Err(e) = self
                 .store
@@ -437,7 +465,7 @@ impl Engine {
             return self.out_of_scope(Kind::User, &user.id, w, why, state);
         }
         w.step(|| "scope: in scope".into());
-        let mapped = self.mappings.map_user(&user, &self.info);
+        let mapped = self.mappings.current().map_user(&user, &self.info);
         self.sync_mapped(Kind::User, &user.id, mapped, None, state, w)
             .await
     }
@@ -478,7 +506,7 @@ impl Engine {
             .filter_map(|m| m.remote_id)
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
-        let mapped = self.mappings.map_group(&group, &self.info);
+        let mapped = self.mappings.current().map_group(&group, &self.info);
         self.sync_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
             .await
     }
@@ -515,12 +543,34 @@ impl Engine {
                 let why = format!("skipped by {script}: {reason}");
                 return self.out_of_scope(kind, id, w, why, state);
             }
-            Err(e) => return self.failed(kind, id, w, format!("mapping: {e}")).await,
+            Err(e) => {
+                let msg = format!("mapping of {kind} {id} for target {}: {e}", self.target());
+                return self.failed(kind, id, w, msg).await;
+            }
         };
         w.step(|| format!("mapping: {desired}"));
         if let Err(violations) = scim::validate(kind, &desired) {
             let msg = format!("invalid {kind} resource: {}", violations.join("; "));
             return self.failed(kind, id, w, msg).await;
+        }
+        if let Some(ts) = &self.target_schemas {
+            let undeclared = ts.undeclared(kind, &desired);
+            if !undeclared.is_empty() {
+                if self.cfg.schema_check == SchemaCheck::Strict {
+                    let msg = format!(
+                        "{kind} resource does not fit the target's /Schemas: {}",
+                        undeclared.join("; ")
+                    );
+                    return self.failed(kind, id, w, msg).await;
+                }
+                let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+                for u in &undeclared {
+                    if warned.insert(u.clone()) {
+                        tracing::warn!(target = %self.cfg.name, %kind, id, "schema_check: {u}");
+                    }
+                }
+                w.step(|| format!("schema_check (warn): {}", undeclared.join("; ")));
+            }
         }
         w.step(|| "validation: valid".into());
         let hash = hash_json(&desired);

@@ -104,6 +104,7 @@ pub struct TargetClient {
     http: reqwest::Client,
     token: Option<String>,
     caps: OnceCell<Capabilities>,
+    schemas: OnceCell<Option<scim::schema::TargetSchemas>>,
     pub stats: Arc<RequestStats>,
 }
 
@@ -147,6 +148,7 @@ impl TargetClient {
             http,
             token: cfg.auth.token.clone(),
             caps: OnceCell::new(),
+            schemas: OnceCell::new(),
             stats: Arc::new(RequestStats::default()),
         })
     }
@@ -176,6 +178,30 @@ impl TargetClient {
                     Err(e) => {
                         tracing::warn!(target = %self.name, error = %e, "cannot read ServiceProviderConfig; assuming no PATCH, no filter, no bulk");
                         Capabilities::conservative()
+                    }
+                }
+            })
+            .await
+            .clone()
+    }
+
+    /// The target's `/Schemas`, read once per client; None (with a warning) when unusable.
+    pub async fn schemas(&self) -> Option<scim::schema::TargetSchemas> {
+        self.schemas
+            .get_or_init(|| async {
+                let parsed = self
+                    .discovery("Schemas")
+                    .await
+                    .map(|v| scim::schema::TargetSchemas::from_response(&v));
+                match parsed {
+                    Ok(Some(s)) => Some(s),
+                    Ok(None) => {
+                        tracing::warn!(target = %self.name, "/Schemas holds no usable schema; schema_check is skipped");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %self.name, error = %e, "cannot read /Schemas; schema_check is skipped");
+                        None
                     }
                 }
             })

@@ -126,6 +126,56 @@ async fn commands_work_end_to_end() {
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resource JSON");
     assert_eq!(doc["userName"], "alice");
 
+    let obj = dir.path().join("zoe.json");
+    std::fs::write(
+        &obj,
+        "{\"kind\":\"user\",\"id\":\"z\",\"username\":\"zoe\",\"service_account\":true}",
+    )
+    .expect("write");
+    let out = scimsync(
+        &cfg,
+        &[
+            "mapping",
+            "test",
+            "--target",
+            "sandbox",
+            "--file",
+            obj.to_str().expect("utf-8 path"),
+        ],
+        None,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("resource JSON");
+    assert_eq!(
+        (doc["userName"].as_str(), doc["externalId"].as_str()),
+        (Some("zoe"), Some("z"))
+    );
+    std::fs::write(
+        dir.path().join("mappings/user/05-skip.rhai"),
+        "if user.username == \"zoe\" { skip(\"no zoes\") }",
+    )
+    .expect("write");
+    let out = scimsync(
+        &cfg,
+        &[
+            "mapping",
+            "test",
+            "--target",
+            "sandbox",
+            "--file",
+            obj.to_str().expect("utf-8 path"),
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        text(&out.stdout).contains("skipped by") && text(&out.stdout).contains("no zoes"),
+        "{}",
+        text(&out.stdout)
+    );
+    std::fs::remove_file(dir.path().join("mappings/user/05-skip.rhai")).expect("rm");
+
     let out = scimsync(&cfg, &["status"], None).await;
     assert!(out.status.success());
     assert!(

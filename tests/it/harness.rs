@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use scimsync::config::TargetConfig;
 use scimsync::directory::{Record, parse_record};
-use scimsync::mapping::Mappings;
+use scimsync::mapping::LiveMappings;
 use scimsync::sandbox::{self, RecordedRequest, SandboxHandle, SandboxOptions};
 use scimsync::store::Store;
 use scimsync::sync::{Engine, NoProgress, RunSummary, SyncOptions};
@@ -142,7 +142,7 @@ impl Env {
     }
 
     pub async fn engine(&self, opts: SyncOptions) -> Engine {
-        let mappings = Mappings::load(&self.target.mappings).expect("mappings load");
+        let mappings = Arc::new(LiveMappings::load(&self.target.mappings).expect("mappings load"));
         let client = TargetClient::new(&self.target).expect("client");
         Engine::new(
             self.store.clone(),

@@ -6,5 +6,6 @@ mod client;
 mod harness;
 mod import;
 mod interop;
+mod mapping;
 mod sandbox;
 mod scenarios;

@@ -4,8 +4,14 @@
 //! document built so far) and returns a map deep-merged into `scim`, `()` to add nothing, or calls
 //! `skip("why")`. Scripts run sandboxed: no modules, no `eval`, bounded operations and sizes.
 
+mod helpers;
+
+pub use helpers::{format_date, sha256, split_name};
+
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use rhai::{AST, Dynamic, Engine, EvalAltResult, Position, Scope};
 use serde_json::{Map, Value};
@@ -15,11 +21,11 @@ use crate::directory::{Group, Kind, User};
 /// Shipped default scripts, embedded so `demo` and fresh installs work from anywhere.
 pub const DEFAULT_USER_SCRIPT: (&str, &str) = (
     "10-core.rhai",
-    include_str!("../mappings/user/10-core.rhai"),
+    include_str!("../../mappings/user/10-core.rhai"),
 );
 pub const DEFAULT_GROUP_SCRIPT: (&str, &str) = (
     "10-core.rhai",
-    include_str!("../mappings/group/10-core.rhai"),
+    include_str!("../../mappings/group/10-core.rhai"),
 );
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -51,6 +57,7 @@ struct Script {
 #[derive(Clone)]
 pub struct Mappings {
     engine: Arc<Engine>,
+    limits: Limits,
     user: Arc<Vec<Script>>,
     group: Arc<Vec<Script>>,
 }
@@ -58,6 +65,132 @@ pub struct Mappings {
 /// The value `skip()` raises; recognised when it comes back out of the engine.
 #[derive(Debug, Clone)]
 struct SkipSignal(String);
+
+type Sources = Vec<(String, String)>;
+
+/// The (name, text) of every script under `dir`, users then groups, each in file-name order.
+fn read_sources(dir: &Path) -> Result<(Sources, Sources), MappingError> {
+    if !dir.is_dir() {
+        return Err(MappingError::Load {
+            path: dir.to_path_buf(),
+            message: "not a directory".into(),
+        });
+    }
+    let load_err = |path: &Path, e: std::io::Error| MappingError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut out = Vec::new();
+    for kind in ["user", "group"] {
+        let sub = dir.join(kind);
+        let mut files = Vec::new();
+        if sub.is_dir() {
+            for entry in std::fs::read_dir(&sub).map_err(|e| load_err(&sub, e))? {
+                let path = entry.map_err(|e| load_err(&sub, e))?.path();
+                if path.extension().is_some_and(|e| e == "rhai") {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        let mut scripts = Vec::new();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(|e| load_err(&path, e))?;
+            scripts.push((path.display().to_string(), text));
+        }
+        out.push(scripts);
+    }
+    let group = out.pop().unwrap_or_default();
+    let user = out.pop().unwrap_or_default();
+    Ok((user, group))
+}
+
+fn fingerprint(user: &Sources, group: &Sources) -> String {
+    let mut all = String::new();
+    for (name, text) in user.iter().chain(group) {
+        all.push_str(name);
+        all.push('\0');
+        all.push_str(text);
+        all.push('\0');
+    }
+    sha256(&all)
+}
+
+/// The mappings of one target as they are on disk now: an edited script is picked up without a
+/// restart, and one that no longer compiles leaves the last good version in use.
+pub struct LiveMappings {
+    dir: Option<PathBuf>,
+    current: RwLock<(Arc<Mappings>, String)>,
+    /// The fingerprint of the last broken edit, so its error is reported once.
+    broken: Mutex<Option<String>>,
+}
+
+impl LiveMappings {
+    pub fn load(dir: &Path) -> Result<LiveMappings, MappingError> {
+        let (user, group) = read_sources(dir)?;
+        let m = Mappings::from_sources(&user, &group)?;
+        Ok(LiveMappings {
+            dir: Some(dir.to_path_buf()),
+            current: RwLock::new((Arc::new(m), fingerprint(&user, &group))),
+            broken: Mutex::new(None),
+        })
+    }
+
+    /// Mappings that never change (no folder behind them).
+    pub fn fixed(m: Mappings) -> LiveMappings {
+        LiveMappings {
+            dir: None,
+            current: RwLock::new((Arc::new(m), String::new())),
+            broken: Mutex::new(None),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Mappings> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// A hash of every script's name and text: changes whenever a script does.
+    pub fn version(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Re-reads the folder. Ok(true) when changed scripts were compiled and are now in use;
+    /// an error (reported once per broken edit) when they do not compile: the last good version
+    /// stays in use.
+    pub fn refresh(&self) -> Result<bool, MappingError> {
+        let Some(dir) = &self.dir else {
+            return Ok(false);
+        };
+        let (user, group) = read_sources(dir)?;
+        let fp = fingerprint(&user, &group);
+        if fp == self.version() {
+            return Ok(false);
+        }
+        match Mappings::from_sources(&user, &group) {
+            Ok(m) => {
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(m), fp);
+                *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(true)
+            }
+            Err(e) => {
+                let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+                if broken.as_deref() == Some(fp.as_str()) {
+                    return Ok(false);
+                }
+                *broken = Some(fp);
+                Err(e)
+            }
+        }
+    }
+}
 
 /// What a script knows of the target it maps for.
 #[derive(Debug, Clone)]
@@ -69,9 +202,41 @@ pub struct TargetInfo {
 pub const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 pub const GROUP_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:Group";
 
-fn sandboxed_engine() -> Engine {
+/// What one object's mapping may use: operations per script, and wall time for all its
+/// scripts together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_operations: u64,
+    pub wall_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_operations: 200_000,
+            wall_time: Duration::from_secs(1),
+        }
+    }
+}
+
+thread_local! {
+    /// When the object being mapped on this thread must be done; read by `on_progress`.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Marks a script stopped for running past its wall time.
+const TIMED_OUT: &str = "scimsync:wall-time";
+
+fn sandboxed_engine(limits: Limits) -> Engine {
     let mut engine = Engine::new();
-    engine.set_max_operations(200_000);
+    engine.set_max_operations(limits.max_operations);
+    engine.on_progress(|ops| {
+        // Reading the clock every operation would cost more than the scripts themselves.
+        if ops.is_multiple_of(512) && DEADLINE.get().is_some_and(|d| Instant::now() > d) {
+            return Some(TIMED_OUT.into());
+        }
+        None
+    });
     engine.set_max_call_levels(32);
     engine.set_max_expr_depths(64, 32);
     engine.set_max_string_size(64 * 1024);
@@ -91,52 +256,14 @@ fn sandboxed_engine() -> Engine {
             )))
         },
     );
+    helpers::register(&mut engine);
     engine
 }
 
 impl Mappings {
     /// Loads `dir/user/*.rhai` and `dir/group/*.rhai`, each list in file-name order.
     pub fn load(dir: &Path) -> Result<Mappings, MappingError> {
-        if !dir.is_dir() {
-            return Err(MappingError::Load {
-                path: dir.to_path_buf(),
-                message: "not a directory".into(),
-            });
-        }
-        let mut sources = Vec::new();
-        for kind in ["user", "group"] {
-            let sub = dir.join(kind);
-            let mut files = Vec::new();
-            if sub.is_dir() {
-                let entries = std::fs::read_dir(&sub).map_err(|e| MappingError::Load {
-                    path: sub.clone(),
-                    message: e.to_string(),
-                })?;
-                for entry in entries {
-                    let path = entry
-                        .map_err(|e| MappingError::Load {
-                            path: sub.clone(),
-                            message: e.to_string(),
-                        })?
-                        .path();
-                    if path.extension().is_some_and(|e| e == "rhai") {
-                        files.push(path);
-                    }
-                }
-            }
-            files.sort();
-            let mut scripts = Vec::new();
-            for path in files {
-                let text = std::fs::read_to_string(&path).map_err(|e| MappingError::Load {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-                scripts.push((path.display().to_string(), text));
-            }
-            sources.push(scripts);
-        }
-        let group = sources.pop().unwrap_or_default();
-        let user = sources.pop().unwrap_or_default();
+        let (user, group) = read_sources(dir)?;
         Self::from_sources(&user, &group)
     }
 
@@ -155,7 +282,15 @@ impl Mappings {
         user: &[(String, String)],
         group: &[(String, String)],
     ) -> Result<Mappings, MappingError> {
-        let engine = sandboxed_engine();
+        Self::with_limits(user, group, Limits::default())
+    }
+
+    pub fn with_limits(
+        user: &[(String, String)],
+        group: &[(String, String)],
+        limits: Limits,
+    ) -> Result<Mappings, MappingError> {
+        let engine = sandboxed_engine(limits);
         let compile = |list: &[(String, String)]| -> Result<Vec<Script>, MappingError> {
             list.iter()
                 .map(|(name, text)| {
@@ -180,6 +315,7 @@ impl Mappings {
         let group = compile(group)?;
         Ok(Mappings {
             engine: Arc::new(engine),
+            limits,
             user: Arc::new(user),
             group: Arc::new(group),
         })
@@ -224,6 +360,14 @@ impl Mappings {
         let members = object
             .read_lock::<rhai::Map>()
             .and_then(|m| m.get("members").cloned());
+        struct ClearDeadline;
+        impl Drop for ClearDeadline {
+            fn drop(&mut self) {
+                DEADLINE.set(None);
+            }
+        }
+        DEADLINE.set(Some(Instant::now() + self.limits.wall_time));
+        let _clear = ClearDeadline;
         let mut tgt = rhai::Map::new();
         tgt.insert("name".into(), target.name.clone().into());
         tgt.insert("compatibility".into(), target.compatibility.clone().into());
@@ -253,7 +397,7 @@ impl Mappings {
                         script: script.name.clone(),
                         line,
                         column,
-                        message: root_message(&err),
+                        message: root_message(&err, self.limits.wall_time),
                     });
                 }
             };
@@ -280,6 +424,7 @@ impl Mappings {
                 })?;
             deep_merge(&mut doc, value);
         }
+        crate::scim::schema::list_extensions(&mut doc);
         Ok(MapOutcome::Resource(doc))
     }
 }
@@ -303,8 +448,18 @@ fn skip_reason(err: &EvalAltResult) -> Option<String> {
     }
 }
 
-fn root_message(err: &EvalAltResult) -> String {
+fn root_message(err: &EvalAltResult, wall_time: Duration) -> String {
     let inner = innermost(err);
+    if let EvalAltResult::ErrorTerminated(token, _) = inner
+        && token
+            .read_lock::<rhai::ImmutableString>()
+            .is_some_and(|t| t.as_str() == TIMED_OUT)
+    {
+        return format!(
+            "stopped: the mapping of this object ran longer than {} ms",
+            wall_time.as_millis()
+        );
+    }
     let mut msg = inner.to_string();
     // rhai appends " (line L, position C)"; the error already carries the position.
     if let Some(i) = msg.rfind(" (line ") {
@@ -465,5 +620,159 @@ mod tests {
         let m = user_scripts(&[("n.rhai", "42")]);
         let err = m.map_user(&alice(), &target()).expect_err("not a map");
         assert!(err.to_string().contains("must return a map"), "{err}");
+    }
+
+    fn eval_user(script: &str) -> Result<MapOutcome, MappingError> {
+        user_scripts(&[("s.rhai", script)]).map_user(&alice(), &target())
+    }
+
+    fn err_of(script: &str) -> String {
+        eval_user(script).expect_err(script).to_string()
+    }
+
+    #[test]
+    fn sandbox_limits_stop_runaway_scripts() {
+        let e = err_of("fn f(x) { f(x + 1) } f(0)");
+        assert!(
+            e.starts_with("s.rhai:") && e.contains("Stack overflow"),
+            "{e}"
+        );
+        let e = err_of("let s = \"xxxxxxxxxxxxxxxx\"; loop { s += s; }");
+        assert!(e.contains("Length of string"), "{e}");
+        let e = err_of("let a = []; loop { a.push(1); }");
+        assert!(
+            e.contains("Size of array") || e.contains("Length of array"),
+            "{e}"
+        );
+        let e = Mappings::from_sources(&[("e.rhai".into(), "eval(\"1\")".into())], &[])
+            .err()
+            .expect("no eval")
+            .to_string();
+        assert!(e.starts_with("e.rhai:1:") && e.contains("eval"), "{e}");
+        let e = Mappings::from_sources(&[("m.rhai".into(), "import \"x\" as y;".into())], &[])
+            .err()
+            .expect("no modules")
+            .to_string();
+        assert!(e.starts_with("m.rhai:1:"), "{e}");
+    }
+
+    #[test]
+    fn wall_time_stops_an_object_within_its_limit() {
+        let limits = Limits {
+            max_operations: 0, // unlimited: only the clock can stop this one
+            wall_time: Duration::from_millis(50),
+        };
+        let m = Mappings::with_limits(&[("spin.rhai".into(), "loop { }".into())], &[], limits)
+            .expect("compiles");
+        let started = Instant::now();
+        let err = m
+            .map_user(&alice(), &target())
+            .expect_err("stopped")
+            .to_string();
+        assert!(
+            err.starts_with("spin.rhai:") && err.contains("longer than 50 ms"),
+            "{err}"
+        );
+        // Bounded, not exact: the point is that it ends.
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // The next object on this thread gets a fresh deadline.
+        let ok = Mappings::with_limits(
+            &[("ok.rhai".into(), "#{ userName: \"a\" }".into())],
+            &[],
+            limits,
+        )
+        .expect("compiles");
+        assert!(ok.map_user(&alice(), &target()).is_ok());
+    }
+
+    #[test]
+    fn helpers_work_from_scripts() {
+        let m = user_scripts(&[(
+            "h.rhai",
+            r#"
+            let n = split_name("Ada King Lovelace");
+            #{
+                userName: lower("ALICE"),
+                title: upper("cto"),
+                externalId: sha256(user.id),
+                nickName: regex_replace(user.email, "@.*$", ""),
+                profileUrl: if regex_match(user.email, "^[a-z]+@example[.]com$") { "yes" } else { "no" },
+                locale: regex_capture("en-US", "^([a-z]+)-([A-Z]+)$")[2],
+                name: #{ givenName: n.given, familyName: n.family },
+                timezone: format_date("2024-03-09T15:04:05Z", "%Y/%m/%d %H:%M"),
+                preferredLanguage: format_date(0, "%Y-%m-%d") + " " + format_date("2024-12-31", "%d.%m.%Y"),
+            }
+            "#,
+        )]);
+        let MapOutcome::Resource(doc) = m.map_user(&alice(), &target()).expect("maps") else {
+            panic!("skipped")
+        };
+        assert_eq!(doc["userName"], "alice");
+        assert_eq!(doc["title"], "CTO");
+        assert_eq!(doc["externalId"], sha256("u-1"));
+        assert_eq!(doc["nickName"], "alice");
+        assert_eq!(doc["profileUrl"], "yes");
+        assert_eq!(doc["locale"], "US");
+        assert_eq!(
+            doc["name"],
+            json!({"givenName": "Ada King", "familyName": "Lovelace"})
+        );
+        assert_eq!(doc["timezone"], "2024/03/09 15:04");
+        assert_eq!(doc["preferredLanguage"], "1970-01-01 31.12.2024");
+        assert_eq!(split_name("Cher"), ("Cher".into(), String::new()));
+        assert_eq!(split_name("  "), (String::new(), String::new()));
+        let e = err_of("regex_match(\"a\", \"(\")");
+        assert!(e.contains("invalid regex"), "{e}");
+        let e = err_of("format_date(\"last tuesday\", \"%Y\")");
+        assert!(e.contains("is not a date-time"), "{e}");
+    }
+
+    #[test]
+    fn extensions_used_are_listed_in_schemas() {
+        let out = eval_user(&format!(
+            "#{{ userName: \"a\", \"{}\": #{{ department: \"R&D\" }} }}",
+            crate::scim::ENTERPRISE_USER_SCHEMA
+        ))
+        .expect("maps");
+        let MapOutcome::Resource(doc) = out else {
+            panic!("skipped")
+        };
+        assert_eq!(
+            doc["schemas"],
+            json!([USER_SCHEMA, crate::scim::ENTERPRISE_USER_SCHEMA])
+        );
+        assert_eq!(crate::scim::validate(Kind::User, &doc), Ok(()));
+    }
+
+    #[test]
+    fn edited_scripts_are_reloaded_and_broken_edits_keep_the_last_good_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("user")).expect("mkdir");
+        let script = dir.path().join("user/10.rhai");
+        std::fs::write(&script, "#{ userName: \"v1\" }").expect("write");
+        let live = LiveMappings::load(dir.path()).expect("loads");
+        let name = |live: &LiveMappings| match live.current().map_user(&alice(), &target()) {
+            Ok(MapOutcome::Resource(d)) => d["userName"].as_str().unwrap_or_default().to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(name(&live), "v1");
+        assert!(!live.refresh().expect("unchanged"));
+        let v1 = live.version();
+        std::fs::write(&script, "#{ userName: \"v2\" }").expect("write");
+        assert!(live.refresh().expect("reloads"));
+        assert_eq!(name(&live), "v2");
+        assert_ne!(live.version(), v1);
+        std::fs::write(&script, "#{ userName: ").expect("write");
+        let err = live.refresh().expect_err("broken").to_string();
+        assert!(err.contains("10.rhai:1:"), "{err}");
+        assert_eq!(name(&live), "v2", "the last good version stays in use");
+        assert!(
+            !live
+                .refresh()
+                .expect("the same broken edit is reported once")
+        );
+        std::fs::write(&script, "#{ userName: \"v3\" }").expect("write");
+        assert!(live.refresh().expect("fixed"));
+        assert_eq!(name(&live), "v3");
     }
 }

@@ -1,0 +1,221 @@
+//! RFC 7643/7644 wire types and pure helpers: error bodies, PatchOp, ServiceProviderConfig,
+//! filters, resource diffs and core-schema validation. Nothing here knows vendors or storage.
+
+pub mod schema;
+
+pub use schema::validate;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+pub use crate::mapping::{GROUP_SCHEMA, USER_SCHEMA};
+
+pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
+pub const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
+pub const SPC_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig";
+pub const ENTERPRISE_USER_SCHEMA: &str =
+    "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
+
+/// A SCIM error response body (RFC 7644 §3.12); every field optional because targets vary.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ErrorBody {
+    #[serde(rename = "scimType")]
+    pub scim_type: Option<String>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PatchOperation {
+    pub op: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+}
+
+impl PatchOperation {
+    pub fn add(path: &str, value: Value) -> Self {
+        Self {
+            op: "add".into(),
+            path: Some(path.into()),
+            value: Some(value),
+        }
+    }
+    pub fn replace(path: &str, value: Value) -> Self {
+        Self {
+            op: "replace".into(),
+            path: Some(path.into()),
+            value: Some(value),
+        }
+    }
+    pub fn remove(path: &str) -> Self {
+        Self {
+            op: "remove".into(),
+            path: Some(path.into()),
+            value: None,
+        }
+    }
+}
+
+/// A PatchOp request body; `schemas` is always set.
+pub fn patch_body(ops: &[PatchOperation]) -> Value {
+    serde_json::json!({ "schemas": [PATCH_OP_SCHEMA], "Operations": ops })
+}
+
+/// What a target says it supports (RFC 7643 §5), read defensively.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Capabilities {
+    pub patch: bool,
+    pub filter: bool,
+    pub filter_max_results: u32,
+    pub bulk: bool,
+    pub bulk_max_operations: u32,
+    pub etag: bool,
+}
+
+impl Capabilities {
+    /// What is assumed of a target that publishes no usable ServiceProviderConfig.
+    pub fn conservative() -> Self {
+        Self {
+            patch: false,
+            filter: false,
+            filter_max_results: 100,
+            bulk: false,
+            bulk_max_operations: 0,
+            etag: false,
+        }
+    }
+
+    pub fn from_spc(v: &Value) -> Self {
+        let flag = |k: &str| {
+            v.get(k)
+                .and_then(|o| o.get("supported"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        };
+        let num = |k: &str, f: &str, d: u32| {
+            v.get(k)
+                .and_then(|o| o.get(f))
+                .and_then(Value::as_u64)
+                .map(|n| n.min(u64::from(u32::MAX)) as u32)
+                .unwrap_or(d)
+        };
+        Self {
+            patch: flag("patch"),
+            filter: flag("filter"),
+            filter_max_results: num("filter", "maxResults", 100).max(1),
+            bulk: flag("bulk"),
+            bulk_max_operations: num("bulk", "maxOperations", 0),
+            etag: flag("etag"),
+        }
+    }
+}
+
+/// `attr eq "value"` with the value escaped as a JSON string (RFC 7644 §3.4.2.2).
+pub fn eq_filter(attr: &str, value: &str) -> String {
+    format!("{attr} eq {}", Value::String(value.to_string()))
+}
+
+/// The attributes that identify an existing remote object, in lookup order.
+pub fn match_filters(kind: crate::directory::Kind, resource: &Value) -> Vec<String> {
+    let keys: &[&str] = match kind {
+        crate::directory::Kind::User => &["userName", "externalId"],
+        crate::directory::Kind::Group => &["externalId", "displayName"],
+    };
+    keys.iter()
+        .filter_map(|k| {
+            resource
+                .get(*k)
+                .and_then(Value::as_str)
+                .map(|v| eq_filter(k, v))
+        })
+        .collect()
+}
+
+/// Attributes a client never writes.
+const READ_ONLY: &[&str] = &["id", "meta", "schemas", "members", "groups"];
+
+/// PATCH operations that turn `prev` (what the target holds) into `next`: `replace` for changed
+/// attributes, `remove` for attributes (and sub-attributes of complex ones) that disappeared.
+pub fn diff_ops(prev: &Value, next: &Value) -> Vec<PatchOperation> {
+    let empty = Map::new();
+    let p = prev.as_object().unwrap_or(&empty);
+    let n = next.as_object().unwrap_or(&empty);
+    let mut ops = Vec::new();
+    for (k, old) in p {
+        if READ_ONLY.contains(&k.as_str()) {
+            continue;
+        }
+        match n.get(k) {
+            None => ops.push(PatchOperation::remove(k)),
+            Some(new) => {
+                if let (Value::Object(o), Value::Object(nw)) = (old, new) {
+                    let sep = if k.starts_with("urn:") { ':' } else { '.' };
+                    for sub in o.keys().filter(|s| !nw.contains_key(*s)) {
+                        ops.push(PatchOperation::remove(&format!("{k}{sep}{sub}")));
+                    }
+                }
+            }
+        }
+    }
+    for (k, new) in n {
+        if READ_ONLY.contains(&k.as_str()) {
+            continue;
+        }
+        if p.get(k) != Some(new) {
+            ops.push(PatchOperation::replace(k, new.clone()));
+        }
+    }
+    ops
+}
+
+/// `members` values for a group body.
+pub fn member_values(ids: &[String]) -> Value {
+    Value::Array(
+        ids.iter()
+            .map(|id| serde_json::json!({ "value": id }))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filter_escapes_quotes() {
+        assert_eq!(eq_filter("userName", "a\"b"), r#"userName eq "a\"b""#);
+    }
+
+    #[test]
+    fn diff_replaces_changed_and_removes_gone() {
+        let prev = json!({"schemas":[USER_SCHEMA],"userName":"a","title":"x","name":{"givenName":"A","familyName":"B"}});
+        let next = json!({"schemas":[USER_SCHEMA],"userName":"b","name":{"givenName":"A"}});
+        let ops = diff_ops(&prev, &next);
+        assert_eq!(
+            ops,
+            vec![
+                PatchOperation::remove("title"),
+                PatchOperation::remove("name.familyName"),
+                PatchOperation::replace("userName", json!("b")),
+                PatchOperation::replace("name", json!({"givenName":"A"})),
+            ]
+        );
+        assert!(diff_ops(&next, &next).is_empty());
+    }
+
+    #[test]
+    fn capabilities_from_spc_are_defensive() {
+        let c = Capabilities::from_spc(
+            &json!({"patch":{"supported":true},"filter":{"supported":true,"maxResults":"x"}}),
+        );
+        assert!(c.patch && c.filter && !c.bulk);
+        assert_eq!(c.filter_max_results, 100);
+        assert_eq!(
+            Capabilities::from_spc(&json!("garbage")),
+            Capabilities::conservative()
+        );
+    }
+}
