@@ -661,6 +661,39 @@ mod tests {
     }
 
     #[test]
+    fn every_type_is_checked() {
+        let cases: Vec<(Type, Value, bool)> = vec![
+            (Integer, json!(42), true),
+            (Integer, json!(4.2), false),
+            (Integer, json!("42"), false),
+            (Decimal, json!(4.2), true),
+            (Decimal, json!(4), true),
+            (Decimal, json!("4.2"), false),
+            (DateTime, json!("2024-01-31T12:00:00Z"), true),
+            (DateTime, json!("2024-01-31T12:00:00+02:00"), true),
+            (DateTime, json!("31/01/2024"), false),
+            (Reference, json!("https://x/Users/1"), true),
+            (Reference, json!(1), false),
+            (Binary, json!("TUlJQw=="), true),
+            (Binary, json!("MII?"), false),
+            (Boolean, json!(false), true),
+            (Boolean, json!("false"), false),
+            (String, json!("x"), true),
+            (String, json!(null), false),
+            (Complex(NAME), json!({"givenName": "A"}), true),
+            (Complex(NAME), json!([]), false),
+        ];
+        for (ty, v, ok) in cases {
+            let mut errs = Vec::new();
+            check_value("x", &v, &a("x", ty), &mut errs);
+            assert_eq!(errs.is_empty(), ok, "{ty:?} {v}: {errs:?}");
+        }
+        let mut errs = Vec::new();
+        check_value("tags", &json!([1, "a"]), &multi("tags", Integer), &mut errs);
+        assert_eq!(errs, vec!["tags[1]: must be an integer, found \"a\""]);
+    }
+
+    #[test]
     fn target_schemas_flag_undeclared_attributes() {
         let published = json!({"Resources": [{
             "id": USER_SCHEMA,
