@@ -357,6 +357,9 @@ fn print_summaries(summaries: &[RunSummary], dry_run: bool) {
         if let Some(why) = &s.held_back {
             println!("{}: {why}", s.target);
         }
+        for note in &s.notes {
+            println!("{}: note: {note}", s.target);
+        }
     }
 }
 
@@ -580,22 +583,38 @@ async fn check(targets: &[TargetConfig]) -> Result<ExitCode> {
     for t in targets {
         let client = TargetClient::new(t).map_err(|e| UsageError(e.to_string()))?;
         println!("target {} ({})", t.name, t.url);
-        match client.service_provider_config().await {
-            Ok(spc) => {
+        let caps = match client.service_provider_config().await {
+            Ok(spc) if spc.is_object() => {
                 let c = crate::scim::Capabilities::from_spc(&spc);
                 println!(
-                    "  ServiceProviderConfig: patch={} filter={} (maxResults {}) bulk={} etag={}",
-                    c.patch, c.filter, c.filter_max_results, c.bulk, c.etag
+                    "  ServiceProviderConfig (/{}): patch={} filter={} (maxResults {}) bulk={} etag={}",
+                    client.profile.spc_path,
+                    c.patch,
+                    c.filter,
+                    c.filter_max_results,
+                    c.bulk,
+                    c.etag
                 );
+                c
+            }
+            Ok(_) => {
+                ok = false;
+                println!("  ServiceProviderConfig: not a JSON object; conservative defaults apply");
+                crate::scim::Capabilities::conservative()
             }
             Err(e) => {
                 ok = false;
                 println!("  ServiceProviderConfig: {e}");
+                crate::scim::Capabilities::conservative()
             }
-        }
+        };
+        let mut groups = true;
         for what in ["ResourceTypes", "Schemas"] {
             match client.discovery(what).await {
                 Ok(v) => {
+                    if what == "ResourceTypes" {
+                        groups = crate::target::groups_offered(&v).unwrap_or(true);
+                    }
                     let names: Vec<String> = v
                         .get("Resources")
                         .and_then(Value::as_array)
@@ -614,12 +633,26 @@ async fn check(targets: &[TargetConfig]) -> Result<ExitCode> {
         }
         // An authenticated read proves the credentials, which discovery may not need.
         match client.list(Kind::User, 1, 1).await {
-            Ok(_) => println!("  authenticated read of /Users: ok"),
+            Ok(_) => {
+                println!(
+                    "  authentication ({:?}): ok; read of /Users: ok",
+                    t.auth.mode
+                );
+                if let Some(left) = client.token_expiry().await {
+                    println!("  OAuth token: refreshed in {} s", left.as_secs());
+                }
+            }
             Err(e) => {
                 ok = false;
-                println!("  authenticated read of /Users: {e}");
+                println!(
+                    "  authentication ({:?}) and read of /Users: {e}",
+                    t.auth.mode
+                );
             }
         }
+        println!("  profile: {}", client.profile.describe());
+        let eff = crate::target::Effective::new(&caps, &client.profile, &t.capabilities, groups);
+        println!("  effective: {}", eff.describe());
     }
     Ok(if ok {
         ExitCode::SUCCESS

@@ -206,8 +206,24 @@ impl<'de> Deserialize<'de> for DeletionLimit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
+    /// A static bearer token (`token` or `token_file`).
     #[default]
     Token,
+    /// OAuth2 client_credentials; the token is fetched, cached and refreshed.
+    Oauth,
+    /// HTTP Basic (`username`, `password`).
+    Basic,
+}
+
+/// How an OAuth client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// HTTP Basic with client_id and client_secret (RFC 6749 §2.3.1's recommendation).
+    #[default]
+    Basic,
+    /// client_id and client_secret as form parameters.
+    Body,
 }
 
 #[derive(Clone, Deserialize, Default)]
@@ -216,15 +232,177 @@ pub struct AuthConfig {
     #[serde(default)]
     pub mode: AuthMode,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub token_url: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    /// Space-separated scopes to request.
+    pub scope: Option<String>,
+    /// Extra form parameters for the token request (e.g. `audience`).
+    #[serde(default)]
+    pub extra: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
-// Hand-written so a token can never reach a log line through `{:?}`.
+// Hand-written so a secret can never reach a log line through `{:?}`.
 impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |o: &Option<String>| o.as_ref().map(|_| "<redacted>");
         f.debug_struct("AuthConfig")
             .field("mode", &self.mode)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token", &hidden(&self.token))
+            .field("token_file", &self.token_file)
+            .field("token_url", &self.token_url)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &hidden(&self.client_secret))
+            .field("scope", &self.scope)
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("client_auth", &self.client_auth)
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
             .finish()
+    }
+}
+
+impl AuthConfig {
+    pub fn token(token: &str) -> Self {
+        Self {
+            mode: AuthMode::Token,
+            token: Some(token.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// Checks that the keys given fit the mode; (key, message) names the first that does not.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let given = |o: &Option<String>| o.as_ref().is_some_and(|v| !v.trim().is_empty());
+        let need = |k: &str, ok: bool, mode: &str| -> Result<(), (String, String)> {
+            if ok {
+                Ok(())
+            } else {
+                Err((
+                    format!("auth.{k}"),
+                    format!("mode \"{mode}\" needs a non-empty {k}"),
+                ))
+            }
+        };
+        let forbid = |k: &str, present: bool, mode: &str| -> Result<(), (String, String)> {
+            if present {
+                Err((
+                    format!("auth.{k}"),
+                    format!("is not used by mode \"{mode}\""),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let oauth_keys = [
+            ("token_url", self.token_url.is_some()),
+            ("client_id", self.client_id.is_some()),
+            ("client_secret", self.client_secret.is_some()),
+            ("scope", self.scope.is_some()),
+            ("extra", !self.extra.is_empty()),
+        ];
+        let basic_keys = [
+            ("username", self.username.is_some()),
+            ("password", self.password.is_some()),
+        ];
+        let token_keys = [
+            ("token", self.token.is_some()),
+            ("token_file", self.token_file.is_some()),
+        ];
+        match self.mode {
+            AuthMode::Token => {
+                for (k, p) in oauth_keys.iter().chain(&basic_keys) {
+                    forbid(k, *p, "token")?;
+                }
+                match (given(&self.token), &self.token_file) {
+                    (true, None) | (false, Some(_)) => Ok(()),
+                    (true, Some(_)) => Err((
+                        "auth.token_file".into(),
+                        "give token or token_file, not both".into(),
+                    )),
+                    (false, None) => need("token", false, "token"),
+                }
+            }
+            AuthMode::Oauth => {
+                for (k, p) in token_keys.iter().chain(&basic_keys) {
+                    forbid(k, *p, "oauth")?;
+                }
+                need("token_url", given(&self.token_url), "oauth")?;
+                need("client_id", given(&self.client_id), "oauth")?;
+                need("client_secret", given(&self.client_secret), "oauth")?;
+                let url = self.token_url.as_deref().unwrap_or_default();
+                match reqwest::Url::parse(url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+                    _ => Err((
+                        "auth.token_url".into(),
+                        format!("{url:?} is not an http(s) URL"),
+                    )),
+                }
+            }
+            AuthMode::Basic => {
+                for (k, p) in token_keys.iter().chain(&oauth_keys) {
+                    forbid(k, *p, "basic")?;
+                }
+                need("username", given(&self.username), "basic")?;
+                need("password", self.password.is_some(), "basic")
+            }
+        }
+    }
+}
+
+/// Operator overrides of what a target reports about itself; they win over its
+/// ServiceProviderConfig and over the compatibility profile.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityOverrides {
+    pub patch: Option<bool>,
+    pub filter: Option<bool>,
+    pub bulk: Option<bool>,
+    /// Whether the target accepts PUT (full replace) of users and groups.
+    pub put: Option<bool>,
+    /// Member values per request when changing group members.
+    pub max_members_per_request: Option<usize>,
+}
+
+/// A duration in seconds, written as a number of seconds or as "90s", "15m", "1h", "1d".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub u64);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        let bad = || {
+            serde::de::Error::custom(
+                "expected seconds (e.g. 3600) or \"90s\", \"15m\", \"1h\", \"1d\"",
+            )
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Seconds(n)),
+            Raw::Str(s) => {
+                let s = s.trim();
+                let (num, unit) =
+                    s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+                let n: u64 = num.parse().map_err(|_| bad())?;
+                let mult = match unit.trim() {
+                    "" | "s" => 1,
+                    "m" => 60,
+                    "h" => 3600,
+                    "d" => 86_400,
+                    _ => return Err(bad()),
+                };
+                Ok(Seconds(n.saturating_mul(mult)))
+            }
+        }
     }
 }
 
@@ -249,6 +427,16 @@ pub struct TargetConfig {
     pub dry_run: bool,
     #[serde(default)]
     pub schema_check: SchemaCheck,
+    /// Verify the target's TLS certificate (on unless explicitly turned off).
+    #[serde(default = "default_true")]
+    pub verify_tls: bool,
+    /// Extra PEM CA certificates to trust for this target.
+    pub ca_file: Option<PathBuf>,
+    /// How long a fetched ServiceProviderConfig is trusted, shared by every worker.
+    #[serde(default = "default_spc_ttl")]
+    pub spc_cache_ttl: Seconds,
+    #[serde(default)]
+    pub capabilities: CapabilityOverrides,
     /// Seconds before one HTTP request to this target is abandoned.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
@@ -264,6 +452,9 @@ fn default_mappings() -> PathBuf {
 }
 fn default_true() -> bool {
     true
+}
+fn default_spc_ttl() -> Seconds {
+    Seconds(3600)
 }
 fn default_timeout() -> u64 {
     30
@@ -286,13 +477,38 @@ impl TargetConfig {
             max_deletions: DeletionLimit::default(),
             dry_run: false,
             schema_check: SchemaCheck::Off,
+            verify_tls: true,
+            ca_file: None,
+            spc_cache_ttl: default_spc_ttl(),
+            capabilities: CapabilityOverrides::default(),
             timeout_seconds: default_timeout(),
             concurrency: default_concurrency(),
             auth: AuthConfig {
-                mode: AuthMode::Token,
                 token,
+                ..Default::default()
             },
         }
+    }
+
+    /// A hash of the settings that decide what this target is and how it is reached, without
+    /// secrets: facts cached about the target hold only while it is unchanged.
+    pub fn fingerprint(&self) -> String {
+        let a = &self.auth;
+        crate::directory::hash_json(&serde_json::json!({
+            "url": self.url,
+            "compatibility": self.compatibility.to_string(),
+            "capabilities": self.capabilities,
+            "auth": {
+                "mode": format!("{:?}", a.mode),
+                "token_url": a.token_url,
+                "client_id": a.client_id,
+                "scope": a.scope,
+                "extra": a.extra,
+                "username": a.username,
+            },
+            "verify_tls": self.verify_tls,
+            "ca_file": self.ca_file,
+        }))
     }
 
     pub fn timeout(&self) -> Duration {
@@ -311,8 +527,17 @@ impl Config {
         let mut cfg = Self::parse(&text, path, |name| std::env::var(name).ok())?;
         let base = path.parent().unwrap_or(Path::new(""));
         for t in &mut cfg.targets {
-            if t.mappings.is_relative() {
-                t.mappings = base.join(&t.mappings);
+            for p in [
+                Some(&mut t.mappings),
+                t.ca_file.as_mut(),
+                t.auth.token_file.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
             }
         }
         Ok(cfg)
@@ -404,15 +629,7 @@ impl Config {
             if t.concurrency == 0 || t.concurrency > 256 {
                 return Err((key("concurrency"), "must be between 1 and 256".into()));
             }
-            match (&t.auth.mode, &t.auth.token) {
-                (AuthMode::Token, Some(tok)) if !tok.trim().is_empty() => {}
-                (AuthMode::Token, _) => {
-                    return Err((
-                        key("auth.token"),
-                        "mode \"token\" needs a non-empty token".into(),
-                    ));
-                }
-            }
+            t.auth.validate().map_err(|(k, m)| (key(&k), m))?;
         }
         Ok(())
     }

@@ -852,6 +852,64 @@ impl Store {
         Ok(rows)
     }
 
+    /// A cached fact about a target, if it was stored under the same settings fingerprint
+    /// less than `max_age_ms` ago.
+    pub async fn cache_get(
+        &self,
+        target: &str,
+        key: &str,
+        fingerprint: &str,
+        max_age_ms: i64,
+    ) -> Result<Option<Value>, StoreError> {
+        let row: Option<(String,)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT value FROM target_cache WHERE target = $1 AND key = $2 \
+             AND fingerprint = $3 AND fetched_at > $4"
+        )
+        .bind(target)
+        .bind(key)
+        .bind(fingerprint)
+        .bind(now_ms() - max_age_ms)
+        .fetch_optional(p)
+        .await)?;
+        Ok(row.and_then(|(v,)| serde_json::from_str(&v).ok()))
+    }
+
+    pub async fn cache_put(
+        &self,
+        target: &str,
+        key: &str,
+        fingerprint: &str,
+        value: &Value,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "INSERT INTO target_cache (target, key, fingerprint, value, fetched_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (target, key) DO UPDATE SET \
+             fingerprint = excluded.fingerprint, value = excluded.value, \
+             fetched_at = excluded.fetched_at"
+        )
+        .bind(target)
+        .bind(key)
+        .bind(fingerprint)
+        .bind(value.to_string())
+        .bind(now_ms())
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// When a cached fact was fetched (Unix ms), whatever its fingerprint.
+    pub async fn cache_age(&self, target: &str, key: &str) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT fetched_at FROM target_cache WHERE target = $1 AND key = $2"
+        )
+        .bind(target)
+        .bind(key)
+        .fetch_optional(p)
+        .await)?;
+        Ok(row.map(|(t,)| t))
+    }
+
     /// Number of change events written so far (the daemon consumes them).
     pub async fn count_events(&self) -> Result<i64, StoreError> {
         let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(

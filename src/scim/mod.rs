@@ -117,9 +117,10 @@ pub fn eq_filter(attr: &str, value: &str) -> String {
     format!("{attr} eq {}", Value::String(value.to_string()))
 }
 
-/// The attributes that identify an existing remote object, in lookup order.
-pub fn match_filters(kind: crate::directory::Kind, resource: &Value) -> Vec<String> {
-    let keys: &[&str] = match kind {
+/// The attributes (and their values in `resource`) that identify an existing remote object,
+/// in lookup order.
+pub fn match_keys(kind: crate::directory::Kind, resource: &Value) -> Vec<(&'static str, String)> {
+    let keys: &[&'static str] = match kind {
         crate::directory::Kind::User => &["userName", "externalId"],
         crate::directory::Kind::Group => &["externalId", "displayName"],
     };
@@ -128,9 +129,29 @@ pub fn match_filters(kind: crate::directory::Kind, resource: &Value) -> Vec<Stri
             resource
                 .get(*k)
                 .and_then(Value::as_str)
-                .map(|v| eq_filter(k, v))
+                .map(|v| (*k, v.to_string()))
         })
         .collect()
+}
+
+/// The lookup filters for `resource`, in order.
+pub fn match_filters(kind: crate::directory::Kind, resource: &Value) -> Vec<String> {
+    match_keys(kind, resource)
+        .iter()
+        .map(|(k, v)| eq_filter(k, v))
+        .collect()
+}
+
+/// Whether `remote` has `key` = `value` (userName and displayName compare case-insensitively,
+/// as RFC 7643 defines them; externalId exactly).
+pub fn has_identity(remote: &Value, key: &str, value: &str) -> bool {
+    remote.get(key).and_then(Value::as_str).is_some_and(|r| {
+        if key == "externalId" {
+            r == value
+        } else {
+            r.eq_ignore_ascii_case(value)
+        }
+    })
 }
 
 /// Attributes a client never writes.
@@ -170,11 +191,14 @@ pub fn diff_ops(prev: &Value, next: &Value) -> Vec<PatchOperation> {
     ops
 }
 
-/// `members` values for a group body.
-pub fn member_values(ids: &[String]) -> Value {
+/// `members` values for a group body, each with `type` when the target wants one.
+pub fn member_values(ids: &[String], member_type: Option<&str>) -> Value {
     Value::Array(
         ids.iter()
-            .map(|id| serde_json::json!({ "value": id }))
+            .map(|id| match member_type {
+                Some(t) => serde_json::json!({ "value": id, "type": t }),
+                None => serde_json::json!({ "value": id }),
+            })
             .collect(),
     )
 }

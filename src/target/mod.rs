@@ -17,6 +17,13 @@ use crate::config::TargetConfig;
 use crate::directory::Kind;
 use crate::scim::{self, Capabilities, PatchOperation};
 
+pub mod auth;
+pub mod profile;
+
+pub use profile::{Profile, UserRemoval};
+
+use auth::{Auth, Credential};
+
 /// Bodies larger than this are refused rather than buffered.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Attempts per request for transient failures (the first try included).
@@ -42,6 +49,8 @@ pub enum TargetError {
         path: String,
         message: String,
     },
+    #[error("{target}: authentication: {message}")]
+    Auth { target: String, message: String },
     #[error("{target}: {method} {path}: invalid response: {message}")]
     Invalid {
         target: String,
@@ -102,8 +111,12 @@ pub struct TargetClient {
     name: String,
     base: Url,
     http: reqwest::Client,
-    token: Option<String>,
+    auth: Auth,
+    pub profile: Profile,
     caps: OnceCell<Capabilities>,
+    /// Methods the target refused with 405/501, per kind: [users, groups].
+    patch_refused: [std::sync::atomic::AtomicBool; 2],
+    put_refused: [std::sync::atomic::AtomicBool; 2],
     schemas: OnceCell<Option<scim::schema::TargetSchemas>>,
     pub stats: Arc<RequestStats>,
 }
@@ -111,6 +124,85 @@ pub struct TargetClient {
 /// A successful answer: status and parsed body (None for 204 or an empty body).
 struct Answer {
     body: Option<Value>,
+}
+
+/// What scimsync will do with a target: its ServiceProviderConfig, corrected by the
+/// compatibility profile, then by the operator's `[target.capabilities]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    pub patch: bool,
+    pub filter: bool,
+    pub bulk: bool,
+    pub put_users: bool,
+    pub put_groups: bool,
+    /// The target has a Groups endpoint.
+    pub groups: bool,
+    pub max_members_per_request: usize,
+    pub filter_max_results: u32,
+}
+
+impl Effective {
+    pub fn new(
+        caps: &Capabilities,
+        profile: &Profile,
+        o: &crate::config::CapabilityOverrides,
+        groups: bool,
+    ) -> Effective {
+        let put = o.put.unwrap_or(true);
+        Effective {
+            patch: o.patch.unwrap_or(caps.patch),
+            filter: o.filter.unwrap_or(caps.filter || profile.filter_works),
+            bulk: o.bulk.unwrap_or(caps.bulk),
+            put_users: put,
+            put_groups: o.put.unwrap_or(put && profile.put_groups),
+            groups,
+            max_members_per_request: o
+                .max_members_per_request
+                .unwrap_or(profile.max_members_per_request)
+                .max(1),
+            filter_max_results: caps.filter_max_results,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "patch={} filter={} (maxResults {}) bulk={} put(users)={} put(groups)={} groups={} members/request={}",
+            self.patch,
+            self.filter,
+            self.filter_max_results,
+            self.bulk,
+            self.put_users,
+            self.put_groups,
+            self.groups,
+            self.max_members_per_request
+        )
+    }
+}
+
+/// Whether a `/ResourceTypes` answer offers Groups; None when it lists nothing usable.
+pub fn groups_offered(resource_types: &Value) -> Option<bool> {
+    let list = resource_types
+        .get("Resources")
+        .and_then(Value::as_array)
+        .or_else(|| resource_types.as_array())?;
+    if list.is_empty() {
+        return None;
+    }
+    Some(list.iter().any(|r| {
+        r.get("endpoint")
+            .and_then(Value::as_str)
+            .is_some_and(|e| e.trim_matches('/').eq_ignore_ascii_case("Groups"))
+            || r.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| n.eq_ignore_ascii_case("Group"))
+    }))
+}
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::User => 0,
+        Kind::Group => 1,
+    }
 }
 
 pub fn endpoint(kind: Kind) -> &'static str {
@@ -136,21 +228,77 @@ impl TargetClient {
         if let Ok(mut segs) = base.path_segments_mut() {
             segs.pop_if_empty();
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout())
             .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
-            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &cfg.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid(format!("cannot read ca_file {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid(format!("ca_file {}: {e}", path.display())))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        if !cfg.verify_tls {
+            tracing::warn!(
+                target = %cfg.name,
+                "TLS CERTIFICATE VERIFICATION IS OFF for this target (verify_tls = false): anyone on the network path can read and change what is sent, tokens included"
+            );
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let http = builder
             .build()
             .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
+        // The token endpoint gets its own client that never follows redirects, so a
+        // redirect cannot carry client credentials elsewhere.
+        let token_http = reqwest::Client::builder()
+            .timeout(cfg.timeout())
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_danger_accept_invalid_certs(!cfg.verify_tls)
+            .build()
+            .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
+        let auth = Auth::from_config(&cfg.auth, &token_http).map_err(|e| invalid(e.0))?;
         Ok(TargetClient {
             name: cfg.name.clone(),
             base,
             http,
-            token: cfg.auth.token.clone(),
+            auth,
+            profile: Profile::for_mode(cfg.compatibility),
             caps: OnceCell::new(),
+            patch_refused: Default::default(),
+            put_refused: Default::default(),
             schemas: OnceCell::new(),
             stats: Arc::new(RequestStats::default()),
         })
+    }
+
+    /// Uses capabilities known from elsewhere (the shared cache) instead of asking the target.
+    pub fn preset_capabilities(&self, caps: Capabilities) {
+        let _ = self.caps.set(caps);
+    }
+
+    /// Remembers that the target refused a method (405 or 501) for a kind of resource.
+    pub fn refuse(&self, kind: Kind, method: &str) {
+        let i = kind_index(kind);
+        match method {
+            "PATCH" => self.patch_refused[i].store(true, Ordering::Relaxed),
+            "PUT" => self.put_refused[i].store(true, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    pub fn refused(&self, kind: Kind, method: &str) -> bool {
+        let i = kind_index(kind);
+        match method {
+            "PATCH" => self.patch_refused[i].load(Ordering::Relaxed),
+            "PUT" => self.put_refused[i].load(Ordering::Relaxed),
+            _ => false,
+        }
+    }
+
+    /// How long until the OAuth token is refreshed (None for other modes or before the first).
+    pub async fn token_expiry(&self) -> Option<Duration> {
+        self.auth.token_expiry().await
     }
 
     pub fn name(&self) -> &str {
@@ -211,7 +359,7 @@ impl TargetClient {
 
     pub async fn service_provider_config(&self) -> Result<Value, TargetError> {
         let a = self
-            .send(Method::GET, &["ServiceProviderConfig"], &[], None)
+            .send(Method::GET, &[self.profile.spc_path], &[], None)
             .await?;
         Ok(a.body.unwrap_or(Value::Null))
     }
@@ -338,10 +486,29 @@ impl TargetClient {
             .with_max_times(MAX_ATTEMPTS - 1)
             .with_jitter()
             .build();
+        let mut reauthenticated = false;
         loop {
-            let res = self.attempt(&method, &url, &path, query, body).await;
+            let cred = self
+                .auth
+                .credential()
+                .await
+                .map_err(|e| TargetError::Auth {
+                    target: self.name.clone(),
+                    message: e.0,
+                })?;
+            let res = self.attempt(&method, &url, &path, query, body, &cred).await;
             let (err, retry_after) = match res {
                 Ok(a) => return Ok(a),
+                // A refused OAuth token may just have expired early: fetch one more, once.
+                Err(Attempt::Final(e))
+                    if e.status() == Some(401)
+                        && !reauthenticated
+                        && self.auth.refused(&cred).await =>
+                {
+                    reauthenticated = true;
+                    tracing::debug!(target = %self.name, "401: fetching a new token and retrying once");
+                    continue;
+                }
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Transient(e, ra)) => (e, ra),
             };
@@ -361,6 +528,7 @@ impl TargetClient {
         path: &str,
         query: &[(&str, &str)],
         body: Option<&Value>,
+        cred: &Credential,
     ) -> Result<Answer, Attempt> {
         let mk = |message: String| TargetError::Network {
             target: self.name.clone(),
@@ -375,9 +543,10 @@ impl TargetClient {
         if !query.is_empty() {
             req = req.query(query);
         }
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        req = match cred {
+            Credential::Bearer(t) => req.bearer_auth(t),
+            Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+        };
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")

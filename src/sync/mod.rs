@@ -14,12 +14,16 @@ use serde_json::Value;
 use crate::config::{OnDelete, SchemaCheck, TargetConfig};
 use crate::directory::{Group, Kind, User, hash_json};
 use crate::mapping::{LiveMappings, MapOutcome, TargetInfo};
-use crate::scim::{self, Capabilities, PatchOperation};
-use crate::store::{Member, RunCounts, Store, StoreError, SyncState, Synced};
-use crate::target::{TargetClient, TargetError, endpoint};
+use crate::scim::{self, PatchOperation};
+use crate::target::Profile;
 
-/// Member values per PATCH operation and operations per PATCH request.
-const MEMBER_CHUNK: usize = 100;
+mod discover;
+mod ops;
+
+use crate::store::{Member, RunCounts, Store, StoreError, SyncState, Synced};
+use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
+pub use discover::discover;
+use ops::{MemberPolicy, patch_requests};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -94,6 +98,8 @@ pub struct RunSummary {
     pub writes: u64,
     /// Why deprovisioning was held back, if it was.
     pub held_back: Option<String>,
+    /// Things an operator should know about this run that are not failures.
+    pub notes: Vec<String>,
     pub failures: Vec<(String, String, String)>,
     pub planned: Vec<PlannedRequest>,
 }
@@ -154,7 +160,8 @@ pub struct Engine {
     cfg: TargetConfig,
     mappings: Arc<LiveMappings>,
     opts: SyncOptions,
-    caps: Capabilities,
+    eff: Effective,
+    profile: Profile,
     info: TargetInfo,
     /// The target's published schemas, when `schema_check` is on and they could be read.
     target_schemas: Option<scim::schema::TargetSchemas>,
@@ -193,7 +200,10 @@ impl Engine {
         mappings: Arc<LiveMappings>,
         opts: SyncOptions,
     ) -> Engine {
-        let caps = client.capabilities().await;
+        let mut opts = opts;
+        opts.dry_run |= cfg.dry_run;
+        let eff = discover(&store, &client, &cfg, !opts.dry_run).await;
+        let profile = client.profile.clone();
         let target_schemas = match cfg.schema_check {
             SchemaCheck::Off => None,
             SchemaCheck::Warn | SchemaCheck::Strict => client.schemas().await,
@@ -202,8 +212,6 @@ impl Engine {
             name: cfg.name.clone(),
             compatibility: cfg.compatibility.to_string(),
         };
-        let mut opts = opts;
-        opts.dry_run |= cfg.dry_run;
         if opts.batch_size == 0 {
             opts.batch_size = 100;
         }
@@ -213,7 +221,8 @@ impl Engine {
             cfg,
             mappings,
             opts,
-            caps,
+            eff,
+            profile,
             info,
             target_schemas,
             warned: std::sync::Mutex::new(HashSet::new()),
@@ -236,8 +245,18 @@ impl Engine {
         }
     }
 
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.caps
+    pub fn capabilities(&self) -> &Effective {
+        &self.eff
+    }
+
+    /// PATCH unless the target lacks it (or refused it) and takes PUT for this kind.
+    fn use_patch(&self, kind: Kind) -> bool {
+        let put_allowed = match kind {
+            Kind::User => self.eff.put_users,
+            Kind::Group => self.eff.put_groups,
+        } && !self.client.refused(kind, "PUT");
+        let patch_allowed = self.eff.patch && !self.client.refused(kind, "PATCH");
+        patch_allowed || !put_allowed
     }
 
     fn target(&self) -> &str {
@@ -317,38 +336,24 @@ impl Engine {
             progress.advance(n);
         }
 
-        progress.phase(
-            &target,
-            "groups",
-            self.store.count(Kind::Group).await? as u64,
-        );
-        let mut after = String::new();
-        loop {
-            self.refresh_mappings();
-            let batch = self.store.group_batch(&target, &after, limit).await?;
-            let Some((last, _, _)) = batch.last() else {
-                break;
-            };
-            after = last.id.clone();
-            let n = batch.len() as u64;
-            let leaving_users = &leaving_users;
-            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
-                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
-                .buffer_unordered(self.cfg.concurrency)
-                .collect()
-                .await;
-            for mut r in reports {
-                if r.action == Action::OutOfScope
-                    && let Some(s) = r.state.take()
-                {
-                    leaving.push((Kind::Group, r.id.clone(), s));
-                }
-                summary.add(r);
-            }
-            progress.advance(n);
+        let groups = self.store.count(Kind::Group).await? as u64;
+        if self.eff.groups {
+            self.sync_groups(summary, progress, &mut leaving, &leaving_users, groups)
+                .await?;
+        } else if groups > 0 {
+            let note = format!(
+                "the target offers no Groups resource (ResourceTypes): {groups} group(s) not synced"
+            );
+            tracing::warn!(target = %target, "{note}");
+            summary.notes.push(note);
         }
 
-        for kind in [Kind::Group, Kind::User] {
+        let kinds: &[Kind] = if self.eff.groups {
+            &[Kind::Group, Kind::User]
+        } else {
+            &[Kind::User]
+        };
+        for &kind in kinds {
             for o in self.store.orphans(&target, kind).await? {
                 if o.state.remote_id.is_some() {
                     leaving.push((kind, o.local_id, o.state));
@@ -380,6 +385,44 @@ impl Engine {
                 summary.add(r);
                 progress.advance(1);
             }
+        }
+        Ok(())
+    }
+
+    async fn sync_groups(
+        &self,
+        summary: &mut RunSummary,
+        progress: &dyn Progress,
+        leaving: &mut Vec<(Kind, String, SyncState)>,
+        leaving_users: &HashSet<String>,
+        total: u64,
+    ) -> Result<(), SyncError> {
+        let target = self.target().to_string();
+        let limit = self.opts.batch_size;
+        progress.phase(&target, "groups", total);
+        let mut after = String::new();
+        loop {
+            self.refresh_mappings();
+            let batch = self.store.group_batch(&target, &after, limit).await?;
+            let Some((last, _, _)) = batch.last() else {
+                break;
+            };
+            after = last.id.clone();
+            let n = batch.len() as u64;
+            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
+                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+            for mut r in reports {
+                if r.action == Action::OutOfScope
+                    && let Some(s) = r.state.take()
+                {
+                    leaving.push((Kind::Group, r.id.clone(), s));
+                }
+                summary.add(r);
+            }
+            progress.advance(n);
         }
         Ok(())
     }
@@ -537,7 +580,7 @@ impl Engine {
         state: Option<SyncState>,
         mut w: Work,
     ) -> ObjectReport {
-        let desired = match mapped {
+        let mut desired = match mapped {
             Ok(MapOutcome::Resource(doc)) => doc,
             Ok(MapOutcome::Skip { script, reason }) => {
                 let why = format!("skipped by {script}: {reason}");
@@ -548,10 +591,24 @@ impl Engine {
                 return self.failed(kind, id, w, msg).await;
             }
         };
+        if kind == Kind::User && self.profile.single_valued {
+            ops::keep_one_value(&mut desired);
+        }
         w.step(|| format!("mapping: {desired}"));
         if let Err(violations) = scim::validate(kind, &desired) {
             let msg = format!("invalid {kind} resource: {}", violations.join("; "));
             return self.failed(kind, id, w, msg).await;
+        }
+        if kind == Kind::User && self.profile.require_user_names {
+            let missing = ops::missing_names(&desired);
+            if !missing.is_empty() {
+                let msg = format!(
+                    "invalid user resource: compatibility {} requires {}",
+                    self.profile.mode,
+                    missing.join(", ")
+                );
+                return self.failed(kind, id, w, msg).await;
+            }
         }
         if let Some(ts) = &self.target_schemas {
             let undeclared = ts.undeclared(kind, &desired);
@@ -629,10 +686,13 @@ impl Engine {
         });
     }
 
-    fn with_members(desired: &Value, members: Option<&[String]>) -> Value {
+    fn with_members(&self, desired: &Value, members: Option<&[String]>) -> Value {
         let mut body = desired.clone();
         if let (Some(m), Some(obj)) = (members, body.as_object_mut()) {
-            obj.insert("members".into(), scim::member_values(m));
+            obj.insert(
+                "members".into(),
+                scim::member_values(m, self.profile.member_type),
+            );
         }
         body
     }
@@ -648,13 +708,13 @@ impl Engine {
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
         if self.opts.dry_run {
-            let body = Self::with_members(desired, members);
+            let body = self.with_members(desired, members);
             self.plan(w, "POST", format!("/{}", endpoint(kind)), Some(body));
             return Ok((Action::Created, "would create".into()));
         }
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
         if kind == Kind::Group
-            && self.caps.filter
+            && self.eff.filter
             && let Some(remote) = self.lookup(kind, desired, w).await?
         {
             return self
@@ -687,15 +747,51 @@ impl Engine {
         desired: &Value,
         w: &mut Work,
     ) -> Result<Option<Value>, Fail> {
-        for filter in scim::match_filters(kind, desired) {
+        let keys = scim::match_keys(kind, desired);
+        if !self.eff.filter {
+            return self.lookup_by_listing(kind, &keys, w).await;
+        }
+        for (key, value) in &keys {
+            let filter = scim::eq_filter(key, value);
             w.step(|| format!("lookup: GET /{}?filter={filter}", endpoint(kind)));
             let found = self.client.find(kind, &filter).await.map_err(tfail)?;
-            if let Some(hit) = found
-                .into_iter()
-                .find(|r| r.get("id").and_then(Value::as_str).is_some())
-            {
+            if let Some(hit) = found.into_iter().find(|r| {
+                r.get("id").and_then(Value::as_str).is_some() && scim::has_identity(r, key, value)
+            }) {
                 return Ok(Some(hit));
             }
+        }
+        Ok(None)
+    }
+
+    /// Without filtering, the only way to find an object is to page through them all.
+    async fn lookup_by_listing(
+        &self,
+        kind: Kind,
+        keys: &[(&'static str, String)],
+        w: &mut Work,
+    ) -> Result<Option<Value>, Fail> {
+        const MAX_PAGES: usize = 10_000;
+        let page = self.eff.filter_max_results.clamp(1, 1000) as usize;
+        w.step(|| {
+            format!(
+                "lookup: the target cannot filter; paging through /{}",
+                endpoint(kind)
+            )
+        });
+        let mut start = 1;
+        for _ in 0..MAX_PAGES {
+            let items = self.client.list(kind, start, page).await.map_err(tfail)?;
+            if let Some(hit) = items.iter().find(|r| {
+                r.get("id").and_then(Value::as_str).is_some()
+                    && keys.iter().any(|(k, v)| scim::has_identity(r, k, v))
+            }) {
+                return Ok(Some(hit.clone()));
+            }
+            if items.is_empty() {
+                break;
+            }
+            start += items.len();
         }
         Ok(None)
     }
@@ -768,36 +864,23 @@ impl Engine {
         may_recreate: bool,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
-        let ep = endpoint(kind);
-        let path = format!("/{ep}/{rid}");
-        let sent = if self.caps.patch {
-            let requests = patch_requests(prev, desired, prev_members, members);
-            if requests.is_empty() {
-                w.step(|| "no difference to send".into());
+        let mut sent = self
+            .send_update(kind, rid, prev, desired, prev_members, members, w)
+            .await;
+        if let Err(e) = &sent
+            && matches!(e.status(), Some(405 | 501))
+        {
+            // The target does not take this method after all: remember, and use the other.
+            let method = if self.use_patch(kind) { "PATCH" } else { "PUT" };
+            self.client.refuse(kind, method);
+            if self.use_patch(kind) != (method == "PATCH") {
+                w.step(|| format!("response: {e}: switching from {method}"));
+                tracing::info!(target = %self.cfg.name, %kind, "{method} refused ({e}); using the other method from now on");
+                sent = self
+                    .send_update(kind, rid, prev, desired, prev_members, members, w)
+                    .await;
             }
-            let mut result = Ok(());
-            for ops in &requests {
-                if self.opts.dry_run {
-                    self.plan(w, "PATCH", path.clone(), Some(scim::patch_body(ops)));
-                    continue;
-                }
-                w.step(|| format!("request: PATCH {path} {}", scim::patch_body(ops)));
-                result = self.client.patch(kind, rid, ops).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            result
-        } else {
-            let body = Self::with_members(desired, members);
-            if self.opts.dry_run {
-                self.plan(w, "PUT", path.clone(), Some(body));
-                Ok(())
-            } else {
-                w.step(|| format!("request: PUT {path} {body}"));
-                self.client.replace(kind, rid, &body).await
-            }
-        };
+        }
         match sent {
             Ok(()) => {
                 if !self.opts.dry_run {
@@ -846,6 +929,54 @@ impl Engine {
         }
     }
 
+    /// The PATCH requests (or the PUT) that bring `rid` from `prev` to `desired`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_update(
+        &self,
+        kind: Kind,
+        rid: &str,
+        prev: Option<&Value>,
+        desired: &Value,
+        prev_members: Option<&[String]>,
+        members: Option<&[String]>,
+        w: &mut Work,
+    ) -> Result<(), TargetError> {
+        let path = format!("/{}/{rid}", endpoint(kind));
+        if self.use_patch(kind) {
+            let requests =
+                patch_requests(prev, desired, prev_members, members, &self.member_policy());
+            if requests.is_empty() {
+                w.step(|| "no difference to send".into());
+            }
+            for ops in &requests {
+                if self.opts.dry_run {
+                    self.plan(w, "PATCH", path.clone(), Some(scim::patch_body(ops)));
+                    continue;
+                }
+                w.step(|| format!("request: PATCH {path} {}", scim::patch_body(ops)));
+                self.client.patch(kind, rid, ops).await?;
+            }
+            Ok(())
+        } else {
+            let body = self.with_members(desired, members);
+            if self.opts.dry_run {
+                self.plan(w, "PUT", path, Some(body));
+                Ok(())
+            } else {
+                w.step(|| format!("request: PUT {path} {body}"));
+                self.client.replace(kind, rid, &body).await
+            }
+        }
+    }
+
+    fn member_policy(&self) -> MemberPolicy {
+        MemberPolicy {
+            max_per_request: self.eff.max_members_per_request,
+            replace: self.profile.replace_members,
+            member_type: self.profile.member_type,
+        }
+    }
+
     /// POST and record the new remote object. The target's own error comes back separately, so
     /// the caller decides what a 409 means.
     async fn post(
@@ -857,7 +988,12 @@ impl Engine {
         members: Option<&[String]>,
         w: &mut Work,
     ) -> Result<Result<(Action, String), TargetError>, Fail> {
-        let body = Self::with_members(desired, members);
+        // Some targets take only so many members with a new group; the rest follow by PATCH.
+        let first = match (members, self.profile.create_group_max_members) {
+            (Some(m), Some(max)) if m.len() > max => Some(&m[..max]),
+            _ => members,
+        };
+        let body = self.with_members(desired, first);
         w.step(|| format!("request: POST /{} {body}", endpoint(kind)));
         let created = match self.client.create(kind, &body).await {
             Ok(c) => c,
@@ -869,6 +1005,27 @@ impl Engine {
             .unwrap_or_default()
             .to_string();
         w.step(|| format!("response: created, remote id {rid}"));
+        if first.map(<[_]>::len) != members.map(<[_]>::len) {
+            let rest = self
+                .send_update(kind, &rid, Some(desired), desired, first, members, w)
+                .await;
+            if let Err(e) = rest {
+                // The group exists with its first members: record that, then fail.
+                let synced = Synced {
+                    remote_id: &rid,
+                    hash,
+                    resource: desired,
+                    members: first,
+                };
+                self.store
+                    .save_synced(self.target(), kind, id, synced)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "created as {rid}, but adding the other members failed: {e}"
+                ));
+            }
+        }
         let synced = Synced {
             remote_id: &rid,
             hash,
@@ -899,7 +1056,9 @@ impl Engine {
             );
         };
         let ep = endpoint(kind);
-        let deactivate = kind == Kind::User && self.cfg.on_delete == OnDelete::Deactivate;
+        let deactivate = kind == Kind::User
+            && (self.cfg.on_delete == OnDelete::Deactivate
+                || self.profile.user_removal == UserRemoval::Deactivate);
         let res = if deactivate {
             let op = [PatchOperation::replace("active", Value::Bool(false))];
             if self.opts.dry_run {
@@ -910,7 +1069,7 @@ impl Engine {
                     Some(scim::patch_body(&op)),
                 );
                 Ok(())
-            } else if self.caps.patch {
+            } else if self.use_patch(kind) {
                 self.client.patch(kind, &rid, &op).await
             } else {
                 let mut body = state.last_resource.clone().unwrap_or(Value::Null);
@@ -939,6 +1098,9 @@ impl Engine {
             (true, true) => "would deactivate",
             (true, false) => "would delete",
             (false, true) => "deactivated",
+            (false, false) if kind == Kind::User && self.profile.delete_deactivates => {
+                "deleted (the target keeps it, deactivated)"
+            }
             (false, false) => "deleted",
         };
         self.report(kind, &id, w, Action::Deleted, format!("{verb} {rid}"), None)
@@ -990,85 +1152,5 @@ impl Engine {
                 None,
             )),
         }
-    }
-}
-
-/// The PATCH requests that bring a resource and its members from what was sent to what is
-/// wanted: attribute changes first, then member adds and removes, chunked.
-fn patch_requests(
-    prev: Option<&Value>,
-    desired: &Value,
-    prev_members: Option<&[String]>,
-    members: Option<&[String]>,
-) -> Vec<Vec<PatchOperation>> {
-    let empty = Value::Object(Default::default());
-    let mut ops = scim::diff_ops(prev.unwrap_or(&empty), desired);
-    if let Some(want) = members {
-        match prev_members {
-            Some(had) => {
-                let had_set: BTreeSet<&String> = had.iter().collect();
-                let want_set: BTreeSet<&String> = want.iter().collect();
-                let add: Vec<String> = want
-                    .iter()
-                    .filter(|m| !had_set.contains(m))
-                    .cloned()
-                    .collect();
-                for chunk in add.chunks(MEMBER_CHUNK) {
-                    ops.push(PatchOperation::add("members", scim::member_values(chunk)));
-                }
-                for m in had.iter().filter(|m| !want_set.contains(m)) {
-                    ops.push(PatchOperation::remove(&format!(
-                        "members[value eq {}]",
-                        Value::String(m.clone())
-                    )));
-                }
-            }
-            None => ops.push(PatchOperation::replace(
-                "members",
-                scim::member_values(want),
-            )),
-        }
-    }
-    ops.chunks(MEMBER_CHUNK).map(<[_]>::to_vec).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn member_deltas_are_adds_and_removes() {
-        let g = json!({"schemas":[scim::GROUP_SCHEMA],"displayName":"G"});
-        let had = vec!["a".to_string(), "b".to_string()];
-        let want = vec!["b".to_string(), "c".to_string()];
-        let reqs = patch_requests(Some(&g), &g, Some(&had), Some(&want));
-        assert_eq!(
-            reqs,
-            vec![vec![
-                PatchOperation::add("members", json!([{"value":"c"}])),
-                PatchOperation::remove("members[value eq \"a\"]"),
-            ]]
-        );
-        assert!(patch_requests(Some(&g), &g, Some(&want), Some(&want)).is_empty());
-    }
-
-    #[test]
-    fn member_adds_are_chunked() {
-        let g = json!({"displayName":"G"});
-        let want: Vec<String> = (0..250).map(|i| format!("u{i:03}")).collect();
-        let reqs = patch_requests(Some(&g), &g, Some(&[]), Some(&want));
-        assert_eq!(reqs.len(), 1);
-        assert_eq!(reqs[0].len(), 3);
-        let sizes: Vec<usize> = reqs[0]
-            .iter()
-            .map(|op| {
-                op.value
-                    .as_ref()
-                    .and_then(Value::as_array)
-                    .map_or(0, Vec::len)
-            })
-            .collect();
-        assert_eq!(sizes, vec![100, 100, 50]);
     }
 }
