@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::config::{Config, ConfigError, TargetConfig};
 use crate::directory::{self, Kind, Record};
 use crate::mapping::{LiveMappings, MapOutcome, Mappings, TargetInfo};
-use crate::sandbox::{self, SandboxOptions};
+use crate::sandbox::{self, OAuthClient, SandboxOptions, SandboxProfile};
 use crate::store::Store;
 use crate::sync::{Engine, NoProgress, Progress, RunSummary, SyncOptions};
 use crate::target::TargetClient;
@@ -72,11 +72,15 @@ enum Command {
     Sandbox {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
-        #[arg(long, value_enum, default_value_t = Profile::Default)]
-        profile: Profile,
-        /// Bearer token the sandbox requires (none: open).
+        /// Which service provider to behave like.
+        #[arg(long, value_enum, default_value_t = SandboxProfile::Default)]
+        profile: SandboxProfile,
+        /// A static bearer token the sandbox accepts (none and no OAuth client: open).
         #[arg(long)]
         token: Option<String>,
+        /// An OAuth client of the token endpoint, as ID:SECRET (scopes "admin read").
+        #[arg(long = "oauth-client", value_name = "ID:SECRET")]
+        oauth_clients: Vec<String>,
     },
     /// A first run: a sandbox, a sample directory in a fresh SQLite file, one full sync.
     Demo {
@@ -161,11 +165,6 @@ enum Format {
     Json,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Profile {
-    Default,
-}
-
 /// Errors that mean "bad usage or config" (exit 2) rather than "something failed" (exit 1).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -206,9 +205,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Sandbox {
             listen,
-            profile: Profile::Default,
+            profile,
             token,
-        } => run_sandbox(&listen, token).await,
+            oauth_clients,
+        } => run_sandbox(&listen, profile, token, oauth_clients).await,
         Command::Demo { dir, users } => demo(dir, users).await,
         command => {
             let cfg = Config::load(&cli.config)?;
@@ -736,12 +736,53 @@ fn redact_url(url: &str) -> String {
     }
 }
 
-async fn run_sandbox(listen: &str, token: Option<String>) -> Result<ExitCode> {
+async fn run_sandbox(
+    listen: &str,
+    profile: SandboxProfile,
+    token: Option<String>,
+    oauth_clients: Vec<String>,
+) -> Result<ExitCode> {
+    let mut clients = Vec::new();
+    for c in &oauth_clients {
+        let (id, secret) = c
+            .split_once(':')
+            .ok_or_else(|| UsageError(format!("--oauth-client {c:?}: expected ID:SECRET")))?;
+        clients.push(OAuthClient {
+            id: id.to_string(),
+            secret: secret.to_string(),
+            scopes: vec!["admin".into(), "read".into()],
+        });
+    }
+    // A profile that demands OAuth gets a client to try it with.
+    if clients.is_empty() && profile.rules().required_scope.is_some() {
+        clients.push(OAuthClient {
+            id: "scim-provisioner".into(),
+            secret: uuid::Uuid::new_v4().simple().to_string(),
+            scopes: vec!["admin".into(), "read".into()],
+        });
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| UsageError(format!("cannot listen on {listen}: {e}")))?;
-    let h = sandbox::serve(listener, SandboxOptions { token, patch: true }).await?;
-    println!("SCIM sandbox listening: {}", h.url);
+    let opts = SandboxOptions {
+        token,
+        profile,
+        oauth_clients: clients.clone(),
+        ..Default::default()
+    };
+    let h = sandbox::serve(listener, opts).await?;
+    println!("SCIM sandbox ({profile:?} profile) listening: {}", h.url);
+    if !clients.is_empty() {
+        println!("OAuth token endpoint: {}", h.token_url);
+        for c in &clients {
+            println!(
+                "  client_id {} client_secret {} scopes {}",
+                c.id,
+                c.secret,
+                c.scopes.join(" ")
+            );
+        }
+    }
     println!("stop with Ctrl-C");
     wait_for_shutdown().await;
     h.stop().await;
@@ -800,11 +841,7 @@ async fn demo(dir: Option<PathBuf>, users: usize) -> Result<ExitCode> {
         std::fs::write(d.join(name), text)?;
     }
     let token = uuid::Uuid::new_v4().to_string();
-    let sb = sandbox::start(SandboxOptions {
-        token: Some(token.clone()),
-        patch: true,
-    })
-    .await?;
+    let sb = sandbox::start(SandboxOptions::with_token(&token)).await?;
     println!("1. sandbox SCIM service provider on {}", sb.url);
     let store = Store::connect(&format!("sqlite://{}", db.display())).await?;
     let groups = (users / 20).max(1);

@@ -4,11 +4,17 @@
 //! and it records every request so tests can assert exactly what was sent.
 
 pub mod filter;
+pub mod oauth;
 pub mod patch;
+pub mod profile;
 
-use std::collections::{BTreeMap, HashMap};
+pub use oauth::OAuthClient;
+pub use profile::{Rules, SandboxProfile, UserDelete};
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -21,16 +27,20 @@ use crate::scim::{
     ERROR_SCHEMA, GROUP_SCHEMA, LIST_RESPONSE_SCHEMA, PATCH_OP_SCHEMA, SPC_SCHEMA, USER_SCHEMA,
 };
 
-/// The path the sandbox serves SCIM under.
-pub const BASE_PATH: &str = "/scim/v2";
+/// Where the token endpoint is served (outside the SCIM base path).
+pub const TOKEN_PATH: &str = "/oauth2/token";
 const MAX_PAGE: usize = 200;
 
 #[derive(Debug, Clone)]
 pub struct SandboxOptions {
-    /// Bearer token required on every resource request (discovery endpoints stay open).
+    /// A static bearer token accepted on every resource request (discovery stays open).
     pub token: Option<String>,
     /// Whether PATCH is offered (and advertised in the ServiceProviderConfig).
     pub patch: bool,
+    pub profile: SandboxProfile,
+    /// Clients of the OAuth token endpoint; with any, resources need a valid token.
+    pub oauth_clients: Vec<OAuthClient>,
+    pub token_lifetime: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -38,6 +48,18 @@ impl Default for SandboxOptions {
         Self {
             token: None,
             patch: true,
+            profile: SandboxProfile::Default,
+            oauth_clients: Vec::new(),
+            token_lifetime: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl SandboxOptions {
+    pub fn with_token(token: &str) -> Self {
+        Self {
+            token: Some(token.to_string()),
+            ..Default::default()
         }
     }
 }
@@ -64,12 +86,16 @@ struct Store {
     groups: BTreeMap<String, Value>,
     requests: Vec<RecordedRequest>,
     version: u64,
+    tokens: oauth::Tokens,
+    /// When recent writes arrived, for the profile's write rate.
+    writes: VecDeque<Instant>,
 }
 
 #[derive(Clone)]
 struct Shared {
     store: Arc<Mutex<Store>>,
     opts: SandboxOptions,
+    rules: Rules,
     base_url: String,
 }
 
@@ -78,6 +104,8 @@ pub struct SandboxHandle {
     pub addr: SocketAddr,
     /// The SCIM base URL, e.g. `http://127.0.0.1:4321/scim/v2`.
     pub url: String,
+    /// The OAuth token endpoint, e.g. `http://127.0.0.1:4321/oauth2/token`.
+    pub token_url: String,
     shared: Shared,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -154,10 +182,12 @@ impl Store {
 /// Starts a sandbox on `listener`.
 pub async fn serve(listener: TcpListener, opts: SandboxOptions) -> std::io::Result<SandboxHandle> {
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}{BASE_PATH}");
+    let rules = opts.profile.rules();
+    let url = format!("http://{addr}{}", rules.base_path);
     let shared = Shared {
         store: Arc::new(Mutex::new(Store::default())),
         opts,
+        rules,
         base_url: url.clone(),
     };
     let app = axum::Router::new()
@@ -175,6 +205,7 @@ pub async fn serve(listener: TcpListener, opts: SandboxOptions) -> std::io::Resu
     Ok(SandboxHandle {
         addr,
         url,
+        token_url: format!("http://{addr}{TOKEN_PATH}"),
         shared,
         shutdown: Some(tx),
         task: Some(task),
@@ -211,9 +242,15 @@ impl SandboxHandle {
     pub fn insert(&self, kind: &str, resource: Value) -> Result<String, String> {
         let r = Res::parse(kind).ok_or_else(|| format!("no resource type {kind:?}"))?;
         let mut st = lock(&self.shared.store);
-        create_in(&mut st, &self.shared.base_url, r, resource)
-            .map(|v| v["id"].as_str().unwrap_or_default().to_string())
-            .map_err(|(_, _, d)| d)
+        create_in(
+            &mut st,
+            &self.shared.rules,
+            &self.shared.base_url,
+            r,
+            resource,
+        )
+        .map(|v| v["id"].as_str().unwrap_or_default().to_string())
+        .map_err(|(_, _, d)| d)
     }
     /// Deletes a resource directly, as if removed by someone else.
     pub fn remove(&self, kind: &str, id: &str) -> bool {
@@ -222,6 +259,10 @@ impl SandboxHandle {
             Some(r) => delete_in(&mut st, r, id),
             None => false,
         }
+    }
+    /// Invalidates every issued OAuth token, as a server restart or a revocation would.
+    pub fn revoke_tokens(&self) {
+        lock(&self.shared.store).tokens.revoke_all();
     }
     /// Stops the server and waits for it.
     pub async fn stop(mut self) {
@@ -270,13 +311,37 @@ async fn handle(
 ) -> Response {
     let rel = uri
         .path()
-        .strip_prefix(BASE_PATH)
+        .strip_prefix(sh.rules.base_path)
         .unwrap_or(uri.path())
         .to_string();
     let shown = match uri.query() {
         Some(q) => format!("{rel}?{q}"),
         None => rel.clone(),
     };
+    if uri.path() == TOKEN_PATH && method == Method::POST {
+        let (status, out) = {
+            let mut st = lock(&sh.store);
+            oauth::token(
+                &sh.opts.oauth_clients,
+                sh.opts.token_lifetime,
+                &mut st.tokens,
+                &headers,
+                &body,
+            )
+        };
+        lock(&sh.store).requests.push(RecordedRequest {
+            method: method.to_string(),
+            path: TOKEN_PATH.to_string(),
+            body: None,
+            status: status.as_u16(),
+        });
+        return (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            out.to_string(),
+        )
+            .into_response();
+    }
     let parsed_body: Option<Result<Value, String>> = if body.is_empty() {
         None
     } else {
@@ -301,7 +366,73 @@ async fn handle(
         body: parsed_body.and_then(Result::ok),
         status: status.as_u16(),
     });
-    scim_response(status, out)
+    let mut resp = scim_response(status, out);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    resp
+}
+
+/// Whether the request may reach resources: a static token, or an unexpired issued one
+/// carrying the profile's required scope.
+fn authorize(sh: &Shared, st: &Store, headers: &HeaderMap) -> Result<(), Failure> {
+    if sh.opts.token.is_none() && sh.opts.oauth_clients.is_empty() {
+        return Ok(());
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(given) = given else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            None,
+            "a bearer token is required".into(),
+        ));
+    };
+    if sh.opts.token.as_deref() == Some(given) {
+        return Ok(());
+    }
+    let Some(issued) = st.tokens.get(given) else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            None,
+            "unknown or expired bearer token".into(),
+        ));
+    };
+    match sh.rules.required_scope {
+        Some(scope) if !issued.scopes.iter().any(|s| s == scope) => Err((
+            StatusCode::FORBIDDEN,
+            None,
+            format!("the token lacks the {scope:?} scope"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The profile's write rate: Some(failure) when this write is one too many this second.
+fn rate_limited(sh: &Shared, st: &mut Store) -> Option<Failure> {
+    let rate = sh.rules.write_rate?;
+    let now = Instant::now();
+    while st
+        .writes
+        .front()
+        .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1))
+    {
+        st.writes.pop_front();
+    }
+    if st.writes.len() >= rate {
+        return Some((
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            format!("at most {rate} writes a second"),
+        ));
+    }
+    st.writes.push_back(now);
+    None
 }
 
 fn route(
@@ -313,7 +444,7 @@ fn route(
     headers: &HeaderMap,
     body: Option<Result<Value, String>>,
 ) -> Result<(StatusCode, Option<Value>), Failure> {
-    if !full.starts_with(BASE_PATH) {
+    if !full.starts_with(sh.rules.base_path) {
         return Err((
             StatusCode::NOT_FOUND,
             None,
@@ -326,29 +457,16 @@ fn route(
         .filter(|s| !s.is_empty())
         .collect();
     match segs.as_slice() {
-        ["ServiceProviderConfig"] if method == Method::GET => {
-            return Ok((StatusCode::OK, Some(spc(&sh.opts))));
+        [p] if *p == sh.rules.spc_path && method == Method::GET => {
+            return Ok((StatusCode::OK, Some(spc(&sh.opts, &sh.rules))));
         }
         ["ResourceTypes"] if method == Method::GET => {
-            return Ok((StatusCode::OK, Some(resource_types())));
+            return Ok((StatusCode::OK, Some(resource_types(sh.rules.groups))));
         }
         ["Schemas"] if method == Method::GET => {
             return Ok((StatusCode::OK, Some(schemas())));
         }
         _ => {}
-    }
-    if let Some(tok) = &sh.opts.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(tok.as_str()) {
-            return Err((
-                StatusCode::UNAUTHORIZED,
-                None,
-                "missing or wrong bearer token".into(),
-            ));
-        }
     }
     let body = || -> Result<Value, Failure> {
         match &body {
@@ -366,25 +484,53 @@ fn route(
         }
     };
     let res = |s: &str| {
-        Res::parse(s).ok_or((
+        match Res::parse(s) {
+            Some(Res::Groups) if !sh.rules.groups => None,
+            other => other,
+        }
+        .ok_or((
             StatusCode::NOT_FOUND,
             None,
             format!("no resource type {s:?}"),
         ))
     };
     let mut st = lock(&sh.store);
+    authorize(sh, &st, headers)?;
+    if *method != Method::GET
+        && let Some(limited) = rate_limited(sh, &mut st)
+    {
+        return Err(limited);
+    }
+    let rules = &sh.rules;
     match (method.clone(), segs.as_slice()) {
-        (Method::GET, [r]) => list(&st, res(r)?, query).map(|v| (StatusCode::OK, Some(v))),
-        (Method::POST, [r]) => create_in(&mut st, &sh.base_url, res(r)?, body()?)
+        (Method::GET, [r]) => {
+            let r = res(r)?;
+            list(&st, r, query).map(|v| (StatusCode::OK, Some(for_reading(rules, r, v))))
+        }
+        (Method::POST, [r]) => create_in(&mut st, rules, &sh.base_url, res(r)?, body()?)
             .map(|v| (StatusCode::CREATED, Some(v))),
-        (Method::GET, [r, id]) => st
-            .map(res(r)?)
-            .get(*id)
-            .cloned()
-            .map(|v| (StatusCode::OK, Some(v)))
-            .ok_or_else(|| not_found(r, id)),
+        (Method::GET, [r, id]) => {
+            let kind = res(r)?;
+            st.map(kind)
+                .get(*id)
+                .cloned()
+                .map(|v| (StatusCode::OK, Some(for_reading(rules, kind, v))))
+                .ok_or_else(|| not_found(r, id))
+        }
         (Method::PUT, [r, id]) => {
-            replace_in(&mut st, res(r)?, id, body()?).map(|v| (StatusCode::OK, Some(v)))
+            let kind = res(r)?;
+            let allowed = match kind {
+                Res::Users => rules.put_users,
+                Res::Groups => rules.put_groups,
+            };
+            if !allowed {
+                return Err((
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    None,
+                    format!("PUT is not supported on {r}; use PATCH"),
+                ));
+            }
+            replace_in(&mut st, rules, kind, id, body()?).map(|v| (StatusCode::OK, Some(v)))
         }
         (Method::PATCH, [r, id]) => {
             if !sh.opts.patch {
@@ -394,13 +540,27 @@ fn route(
                     "PATCH is not supported".into(),
                 ));
             }
-            patch_in(&mut st, res(r)?, id, body()?).map(|v| (StatusCode::OK, Some(v)))
+            patch_in(&mut st, rules, res(r)?, id, body()?).map(|v| (StatusCode::OK, Some(v)))
         }
         (Method::DELETE, [r, id]) => {
-            if delete_in(&mut st, res(r)?, id) {
-                Ok((StatusCode::NO_CONTENT, None))
-            } else {
-                Err(not_found(r, id))
+            let kind = res(r)?;
+            if kind == Res::Users && !st.users.contains_key(*id) {
+                return Err(not_found(r, id));
+            }
+            match (kind, rules.user_delete) {
+                (Res::Users, UserDelete::Refuse) => Err((
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    None,
+                    "users cannot be deleted; deactivate them (active=false)".into(),
+                )),
+                (Res::Users, UserDelete::Deactivate) => {
+                    if let Some(u) = st.users.get_mut(*id) {
+                        u["active"] = Value::Bool(false);
+                    }
+                    Ok((StatusCode::NO_CONTENT, None))
+                }
+                _ if delete_in(&mut st, kind, id) => Ok((StatusCode::NO_CONTENT, None)),
+                _ => Err(not_found(r, id)),
             }
         }
         _ => Err((
@@ -409,6 +569,22 @@ fn route(
             format!("no route for {method} {rel}"),
         )),
     }
+}
+
+/// What a client reads back: without group members where the profile never returns them.
+fn for_reading(rules: &Rules, r: Res, mut v: Value) -> Value {
+    if r == Res::Groups && !rules.members_in_reads {
+        let strip = |g: &mut Value| {
+            if let Some(o) = g.as_object_mut() {
+                o.remove("members");
+            }
+        };
+        match v.get_mut("Resources").and_then(Value::as_array_mut) {
+            Some(items) => items.iter_mut().for_each(strip),
+            None => strip(&mut v),
+        }
+    }
+    v
 }
 
 fn not_found(r: &str, id: &str) -> Failure {
@@ -462,7 +638,8 @@ fn now_rfc3339() -> String {
 }
 
 /// Checks a full resource (after create, replace or patch) against the rules the sandbox keeps.
-fn check(st: &Store, r: Res, id: &str, v: &Value) -> Result<(), Failure> {
+fn check(st: &Store, rules: &Rules, r: Res, id: &str, v: &Value) -> Result<(), Failure> {
+    check_profile(rules, r, v)?;
     let obj = v.as_object().ok_or_else(|| {
         (
             StatusCode::BAD_REQUEST,
@@ -522,6 +699,70 @@ fn check(st: &Store, r: Res, id: &str, v: &Value) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The profile's own rules for a full resource.
+fn check_profile(rules: &Rules, r: Res, v: &Value) -> Result<(), Failure> {
+    if r == Res::Users && rules.require_names {
+        let has = |p: Option<&Value>| p.and_then(Value::as_str).is_some_and(|s| !s.is_empty());
+        let name = v.get("name");
+        if !has(name.and_then(|n| n.get("givenName")))
+            || !has(name.and_then(|n| n.get("familyName")))
+            || !has(v.get("displayName"))
+        {
+            return Err(invalid(
+                "name.givenName, name.familyName and displayName are required".into(),
+            ));
+        }
+    }
+    if r == Res::Users && rules.single_valued {
+        for (k, x) in v.as_object().into_iter().flatten() {
+            if k != "schemas" && x.as_array().is_some_and(|a| a.len() > 1) {
+                return Err(invalid(format!("{k}: only one value is supported")));
+            }
+        }
+    }
+    if r == Res::Groups
+        && let Some(t) = rules.member_type
+        && let Some(members) = v.get("members").and_then(Value::as_array)
+        && members
+            .iter()
+            .any(|m| m.get("type").and_then(Value::as_str) != Some(t))
+    {
+        return Err(invalid(format!("every member needs \"type\": {t:?}")));
+    }
+    Ok(())
+}
+
+/// Member values one request carries: a body's members, or a PatchOp's member operations.
+fn member_values_in(ops_or_body: &Value) -> usize {
+    let count = |v: Option<&Value>| v.and_then(Value::as_array).map_or(0, Vec::len);
+    match ops_or_body.get("Operations").and_then(Value::as_array) {
+        Some(ops) => ops
+            .iter()
+            .filter(|op| {
+                op.get("path")
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| p.to_ascii_lowercase().starts_with("members"))
+            })
+            .map(|op| count(op.get("value")).max(1))
+            .sum(),
+        None => count(ops_or_body.get("members")),
+    }
+}
+
+fn check_member_limit(rules: &Rules, r: Res, request: &Value) -> Result<(), Failure> {
+    if r == Res::Groups
+        && let Some(max) = rules.max_member_values
+    {
+        let n = member_values_in(request);
+        if n > max {
+            return Err(invalid(format!(
+                "at most {max} member values per request, got {n}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn stamp(st: &mut Store, base: &str, r: Res, id: &str, v: &mut Value, created: Option<Value>) {
     st.version += 1;
     let now = now_rfc3339();
@@ -540,19 +781,33 @@ fn stamp(st: &mut Store, base: &str, r: Res, id: &str, v: &mut Value, created: O
     }
 }
 
-fn create_in(st: &mut Store, base: &str, r: Res, mut v: Value) -> Result<Value, Failure> {
+fn create_in(
+    st: &mut Store,
+    rules: &Rules,
+    base: &str,
+    r: Res,
+    mut v: Value,
+) -> Result<Value, Failure> {
+    check_member_limit(rules, r, &v)?;
     if let Some(o) = v.as_object_mut() {
         o.remove("id");
         o.remove("meta");
     }
     let id = uuid::Uuid::new_v4().to_string();
-    check(st, r, &id, &v)?;
+    check(st, rules, r, &id, &v)?;
     stamp(st, base, r, &id, &mut v, None);
     st.map_mut(r).insert(id, v.clone());
     Ok(v)
 }
 
-fn replace_in(st: &mut Store, r: Res, id: &str, mut v: Value) -> Result<Value, Failure> {
+fn replace_in(
+    st: &mut Store,
+    rules: &Rules,
+    r: Res,
+    id: &str,
+    mut v: Value,
+) -> Result<Value, Failure> {
+    check_member_limit(rules, r, &v)?;
     let Some(old) = st.map(r).get(id).cloned() else {
         return Err(not_found(r.name(), id));
     };
@@ -560,7 +815,7 @@ fn replace_in(st: &mut Store, r: Res, id: &str, mut v: Value) -> Result<Value, F
         o.remove("id");
         o.remove("meta");
     }
-    check(st, r, id, &v)?;
+    check(st, rules, r, id, &v)?;
     let base = old["meta"]["location"]
         .as_str()
         .and_then(|l| {
@@ -580,7 +835,13 @@ fn replace_in(st: &mut Store, r: Res, id: &str, mut v: Value) -> Result<Value, F
     Ok(v)
 }
 
-fn patch_in(st: &mut Store, r: Res, id: &str, body: Value) -> Result<Value, Failure> {
+fn patch_in(
+    st: &mut Store,
+    rules: &Rules,
+    r: Res,
+    id: &str,
+    body: Value,
+) -> Result<Value, Failure> {
     let Some(mut v) = st.map(r).get(id).cloned() else {
         return Err(not_found(r.name(), id));
     };
@@ -600,11 +861,28 @@ fn patch_in(st: &mut Store, r: Res, id: &str, body: Value) -> Result<Value, Fail
         Some("invalidSyntax"),
         "Operations must be an array".to_string(),
     ))?;
+    check_member_limit(rules, r, &body)?;
+    if r == Res::Groups && rules.no_member_replace {
+        let replaces_members = ops.iter().any(|op| {
+            op.get("op")
+                .and_then(Value::as_str)
+                .is_some_and(|o| o.eq_ignore_ascii_case("replace"))
+                && match op.get("path").and_then(Value::as_str) {
+                    Some(p) => p.to_ascii_lowercase().starts_with("members"),
+                    None => op.get("value").and_then(|v| v.get("members")).is_some(),
+                }
+        });
+        if replaces_members {
+            return Err(invalid(
+                "members can only be changed by add and remove".into(),
+            ));
+        }
+    }
     let meta = v.get("meta").cloned();
     for op in ops {
         patch::apply(&mut v, op).map_err(|(t, d)| (StatusCode::BAD_REQUEST, Some(t), d))?;
     }
-    check(st, r, id, &v)?;
+    check(st, rules, r, id, &v)?;
     let base = meta
         .as_ref()
         .and_then(|m| m["location"].as_str())
@@ -632,13 +910,13 @@ fn delete_in(st: &mut Store, r: Res, id: &str) -> bool {
     true
 }
 
-fn spc(opts: &SandboxOptions) -> Value {
+fn spc(opts: &SandboxOptions, rules: &Rules) -> Value {
     json!({
         "schemas": [SPC_SCHEMA],
         "documentationUri": "https://datatracker.ietf.org/doc/html/rfc7644",
         "patch": {"supported": opts.patch},
         "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
-        "filter": {"supported": true, "maxResults": MAX_PAGE},
+        "filter": {"supported": rules.advertise_filter, "maxResults": MAX_PAGE},
         "changePassword": {"supported": false},
         "sort": {"supported": false},
         "etag": {"supported": false},
@@ -652,7 +930,7 @@ fn spc(opts: &SandboxOptions) -> Value {
     })
 }
 
-fn resource_types() -> Value {
+fn resource_types(groups: bool) -> Value {
     let rt = |name: &str, ep: &str, schema: &str| {
         json!({
             "schemas": ["urn:ietf:params:scim:schemas:core:2.0:ResourceType"],
@@ -660,10 +938,10 @@ fn resource_types() -> Value {
             "meta": {"resourceType": "ResourceType"}
         })
     };
-    let items = vec![
-        rt("User", "/Users", USER_SCHEMA),
-        rt("Group", "/Groups", GROUP_SCHEMA),
-    ];
+    let mut items = vec![rt("User", "/Users", USER_SCHEMA)];
+    if groups {
+        items.push(rt("Group", "/Groups", GROUP_SCHEMA));
+    }
     json!({"schemas": [LIST_RESPONSE_SCHEMA], "totalResults": items.len(), "Resources": items})
 }
 

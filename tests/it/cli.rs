@@ -53,8 +53,8 @@ const DIRECTORY: &str = "{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_work_end_to_end() {
     let sb = sandbox::start(SandboxOptions {
-        token: Some("cli-token".into()),
         patch: true,
+        ..SandboxOptions::with_token("cli-token")
     })
     .await
     .expect("sandbox");

@@ -86,8 +86,8 @@ impl Env {
             db,
             test,
             SandboxOptions {
-                token: Some(TOKEN.into()),
                 patch: true,
+                ..SandboxOptions::with_token(TOKEN)
             },
         )
         .await

@@ -36,8 +36,8 @@ impl Http {
 #[tokio::test]
 async fn sandbox_is_rfc_faithful_where_it_matters() {
     let sb = sandbox::start(SandboxOptions {
-        token: Some("tok".into()),
         patch: true,
+        ..SandboxOptions::with_token("tok")
     })
     .await
     .expect("sandbox");

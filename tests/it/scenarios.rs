@@ -399,8 +399,8 @@ async fn dry_run_sends_nothing_and_changes_nothing(db: Db) {
 
 async fn put_is_used_without_patch(db: Db) {
     let opts = SandboxOptions {
-        token: Some(crate::harness::TOKEN.into()),
         patch: false,
+        ..SandboxOptions::with_token(crate::harness::TOKEN)
     };
     let Some(env) = Env::with_sandbox(db, "put_is_used_without_patch", opts).await else {
         return;
