@@ -801,6 +801,80 @@ token = "${TOKEN}"
     }
 
     #[test]
+    fn auth_modes_take_their_own_keys() {
+        let oauth = MINIMAL.replace(
+            "token = \"${TOKEN}\"",
+            "mode = \"oauth\"\ntoken_url = \"https://idp/token\"\nclient_id = \"c\"\nclient_secret = \"${TOKEN}\"\nscope = \"admin\"\nextra = { audience = \"scim\" }",
+        );
+        let cfg = parse(&oauth).expect("oauth config");
+        let a = &cfg.targets[0].auth;
+        assert_eq!(
+            (a.mode, a.client_auth),
+            (AuthMode::Oauth, ClientAuth::Basic)
+        );
+        assert_eq!(a.extra.get("audience").map(String::as_str), Some("scim"));
+        assert!(
+            !format!("{a:?}").contains("s3cret"),
+            "secrets are redacted in Debug"
+        );
+        let err = parse(&oauth.replace("client_secret = \"${TOKEN}\"\n", ""))
+            .expect_err("missing secret")
+            .to_string();
+        assert!(
+            err.contains("auth.client_secret") && err.contains("oauth"),
+            "{err}"
+        );
+        let err = parse(&MINIMAL.replace("token = ", "client_id = \"x\"\ntoken = "))
+            .expect_err("foreign key")
+            .to_string();
+        assert!(
+            err.contains("auth.client_id") && err.contains("not used by mode"),
+            "{err}"
+        );
+        let basic = MINIMAL.replace(
+            "token = \"${TOKEN}\"",
+            "mode = \"basic\"\nusername = \"u\"\npassword = \"${TOKEN}\"",
+        );
+        assert_eq!(
+            parse(&basic).expect("basic").targets[0].auth.mode,
+            AuthMode::Basic
+        );
+        let both = MINIMAL.replace("token = ", "token_file = \"t\"\ntoken = ");
+        assert!(
+            parse(&both)
+                .expect_err("both")
+                .to_string()
+                .contains("not both")
+        );
+    }
+
+    #[test]
+    fn capability_overrides_and_ttl() {
+        let text = MINIMAL.replace(
+            "[target.auth]",
+            "spc_cache_ttl = \"15m\"\n[target.capabilities]\npatch = false\nmax_members_per_request = 50\n[target.auth]",
+        );
+        let t = &parse(&text).expect("valid").targets[0];
+        assert_eq!(t.spc_cache_ttl, Seconds(900));
+        assert_eq!(t.capabilities.patch, Some(false));
+        assert_eq!(t.capabilities.max_members_per_request, Some(50));
+        let bad = text.replace("patch = false", "pach = false");
+        let err = parse(&bad).expect_err("typo").to_string();
+        assert!(
+            err.contains("target[0] (\"a\").capabilities") && err.contains("pach"),
+            "{err}"
+        );
+        let mut other = parse(&text).expect("valid").targets[0].clone();
+        let fp = other.fingerprint();
+        other.url.push('x');
+        assert_ne!(
+            other.fingerprint(),
+            fp,
+            "a changed target is a new fingerprint"
+        );
+    }
+
+    #[test]
     fn deletion_limits() {
         assert!(DeletionLimit::Percent(10.0).allows(5, 10));
         assert!(!DeletionLimit::Percent(10.0).allows(6, 10));

@@ -45,6 +45,8 @@ struct Cached {
 pub enum Credential {
     Bearer(String),
     Basic(String, String),
+    /// Nothing: for discovery endpoints when no credential could be had.
+    None,
 }
 
 #[derive(Debug, thiserror::Error)]

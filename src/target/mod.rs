@@ -488,14 +488,23 @@ impl TargetClient {
             .build();
         let mut reauthenticated = false;
         loop {
-            let cred = self
-                .auth
-                .credential()
-                .await
-                .map_err(|e| TargetError::Auth {
-                    target: self.name.clone(),
-                    message: e.0,
-                })?;
+            // Discovery endpoints are often open (RFC 7644 §4): without a credential, still try.
+            let discovery = method == Method::GET
+                && segments.len() == 1
+                && !matches!(segments[0], "Users" | "Groups");
+            let cred = match self.auth.credential().await {
+                Ok(c) => c,
+                Err(e) if discovery => {
+                    tracing::debug!(target = %self.name, error = %e, "no credential; reading discovery without one");
+                    Credential::None
+                }
+                Err(e) => {
+                    return Err(TargetError::Auth {
+                        target: self.name.clone(),
+                        message: e.0,
+                    });
+                }
+            };
             let res = self.attempt(&method, &url, &path, query, body, &cred).await;
             let (err, retry_after) = match res {
                 Ok(a) => return Ok(a),
@@ -546,6 +555,7 @@ impl TargetClient {
         req = match cred {
             Credential::Bearer(t) => req.bearer_auth(t),
             Credential::Basic(u, p) => req.basic_auth(u, Some(p)),
+            Credential::None => req,
         };
         if let Some(b) = body {
             req = req

@@ -11,7 +11,10 @@ async fn scimsync(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     cmd.arg("--config")
         .arg(config)
         .args(args)
-        .env("SCIM_TOKEN", "cli-token")
+        .env(
+            "SCIM_TOKEN",
+            std::env::var("SCIM_TOKEN_FOR_TEST").unwrap_or_else(|_| "cli-token".into()),
+        )
         .env_remove("SCIMSYNC_CONFIG");
     cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -267,4 +270,53 @@ async fn demo_runs_and_converges() {
         "{stdout}"
     );
     assert!(stdout.contains("\"userName\""), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_capabilities_profile_and_failing_steps() {
+    use scimsync::sandbox::{OAuthClient, SandboxProfile};
+    let sb = sandbox::start(SandboxOptions {
+        profile: SandboxProfile::Nauthera,
+        oauth_clients: vec![OAuthClient {
+            id: "prov".into(),
+            secret: "pw".into(),
+            scopes: vec!["admin".into(), "read".into()],
+        }],
+        ..Default::default()
+    })
+    .await
+    .expect("sandbox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = |scope: &str| {
+        let text = format!(
+            "[database]\nurl = \"sqlite://{}\"\n\n[[target]]\nname = \"nauthera\"\nurl = \"{}\"\ncompatibility = \"slack\"\n[target.auth]\nmode = \"oauth\"\ntoken_url = \"{}\"\nclient_id = \"prov\"\nclient_secret = \"${{SCIM_TOKEN}}\"\nscope = \"{scope}\"\n",
+            dir.path().join("c.db").display(),
+            sb.url,
+            sb.token_url
+        );
+        let path = dir.path().join(format!("{scope}.toml"));
+        std::fs::write(&path, text).expect("config");
+        path
+    };
+    // SCIM_TOKEN is "cli-token" in scimsync(): the wrong secret.
+    let out = scimsync(&cfg("admin"), &["check"], None).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("ServiceProviderConfig (/ServiceProviderConfig): patch=true"),
+        "discovery is open: {stdout}"
+    );
+    assert!(
+        stdout.contains("invalid_client") && !stdout.contains("cli-token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("profile: slack: SPC at /ServiceProviderConfig; filtering assumed to work"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("effective: patch=true filter=true"),
+        "{stdout}"
+    );
+    sb.stop().await;
 }

@@ -194,3 +194,41 @@ async fn unusable_service_provider_config_means_conservative_capabilities() {
         Capabilities::conservative()
     );
 }
+
+#[tokio::test]
+async fn basic_auth_sends_the_credentials() {
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        axum::Json(json!({"id": "x", "auth": auth}))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut t = TargetConfig::new("basic", &format!("http://{addr}/scim/v2"), None);
+    t.auth = scimsync::config::AuthConfig {
+        mode: scimsync::config::AuthMode::Basic,
+        username: Some("svc".into()),
+        password: Some("pa:ss".into()),
+        ..Default::default()
+    };
+    let got = TargetClient::new(&t)
+        .expect("client")
+        .get(Kind::User, "x")
+        .await
+        .expect("answer")
+        .expect("found");
+    // base64("svc:pa:ss")
+    assert_eq!(got["auth"], "Basic c3ZjOnBhOnNz");
+    assert!(
+        !format!("{:?}", t.auth).contains("pa:ss"),
+        "Debug never shows the password"
+    );
+}

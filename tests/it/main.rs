@@ -9,3 +9,4 @@ mod interop;
 mod mapping;
 mod sandbox;
 mod scenarios;
+mod targets;
