@@ -28,6 +28,14 @@ pub async fn discover(
         None => Capabilities::conservative(),
     };
     client.preset_capabilities(caps.clone());
+    // Methods the target refused before (405/501), learned by any worker; they do not expire
+    // with the TTL, only with a change of the target's settings.
+    if let Ok(Some(refused)) = store
+        .cache_get(&cfg.name, "refused", &cfg.fingerprint(), i64::MAX / 2)
+        .await
+    {
+        client.apply_refusals(&refused);
+    }
     let types = cached(store, client, cfg, "resource_types", write_cache, || {
         client.discovery("ResourceTypes")
     })

@@ -873,6 +873,18 @@ impl Engine {
             // The target does not take this method after all: remember, and use the other.
             let method = if self.use_patch(kind) { "PATCH" } else { "PUT" };
             self.client.refuse(kind, method);
+            if !self.opts.dry_run {
+                // Every worker (and the next run) learns it too.
+                let learned = self.client.refusals();
+                let fp = self.cfg.fingerprint();
+                if let Err(e) = self
+                    .store
+                    .cache_put(self.target(), "refused", &fp, &learned)
+                    .await
+                {
+                    tracing::warn!(target = %self.cfg.name, error = %e, "cannot record the refused method");
+                }
+            }
             if self.use_patch(kind) != (method == "PATCH") {
                 w.step(|| format!("response: {e}: switching from {method}"));
                 tracing::info!(target = %self.cfg.name, %kind, "{method} refused ({e}); using the other method from now on");

@@ -287,6 +287,32 @@ impl TargetClient {
         }
     }
 
+    /// The refused methods, as stored in the shared cache.
+    pub fn refusals(&self) -> Value {
+        let mut out = Vec::new();
+        for kind in [Kind::User, Kind::Group] {
+            for method in ["PATCH", "PUT"] {
+                if self.refused(kind, method) {
+                    out.push(serde_json::json!({"kind": kind.as_str(), "method": method}));
+                }
+            }
+        }
+        Value::Array(out)
+    }
+
+    pub fn apply_refusals(&self, v: &Value) {
+        for r in v.as_array().into_iter().flatten() {
+            let kind = match r.get("kind").and_then(Value::as_str) {
+                Some("user") => Kind::User,
+                Some("group") => Kind::Group,
+                _ => continue,
+            };
+            if let Some(m) = r.get("method").and_then(Value::as_str) {
+                self.refuse(kind, m);
+            }
+        }
+    }
+
     pub fn refused(&self, kind: Kind, method: &str) -> bool {
         let i = kind_index(kind);
         match method {

@@ -352,6 +352,14 @@ async fn overrides_win_and_refused_methods_switch_and_are_remembered() {
         vec![call("PATCH", &format!("/Groups/{gid}"))],
         "remembered"
     );
+    // ... and shared: a new engine (another worker, the next run) starts knowing it.
+    env.import(&group("g-1", "Team", 0..3)).await;
+    env.sandbox.clear_requests();
+    assert!(env.sync().await.is_clean());
+    assert_eq!(
+        calls(&env.sandbox.writes()),
+        vec![call("PATCH", &format!("/Groups/{gid}"))]
+    );
     // Users still take PUT, as the override says.
     env.import("{\"kind\":\"user\",\"id\":\"u-002\",\"username\":\"user002\",\"name\":\"Put Me\"}")
         .await;
