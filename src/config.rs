@@ -367,6 +367,8 @@ pub struct CapabilityOverrides {
     pub put: Option<bool>,
     /// Member values per request when changing group members.
     pub max_members_per_request: Option<usize>,
+    /// Send `$ref` (the member's URI) with every group member.
+    pub member_ref: Option<bool>,
 }
 
 /// A duration in seconds, written as a number of seconds or as "90s", "15m", "1h", "1d".

@@ -191,16 +191,34 @@ pub fn diff_ops(prev: &Value, next: &Value) -> Vec<PatchOperation> {
     ops
 }
 
-/// `members` values for a group body, each with `type` when the target wants one.
-pub fn member_values(ids: &[String], member_type: Option<&str>) -> Value {
-    Value::Array(
-        ids.iter()
-            .map(|id| match member_type {
-                Some(t) => serde_json::json!({ "value": id, "type": t }),
-                None => serde_json::json!({ "value": id }),
-            })
-            .collect(),
-    )
+/// How a target wants group member values written.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemberForm {
+    /// `type` on every member (e.g. "user").
+    pub member_type: Option<&'static str>,
+    /// When set, `$ref` = this base + "/Users/" + id on every member.
+    pub ref_base: Option<String>,
+}
+
+impl MemberForm {
+    /// `members` values for these remote user ids.
+    pub fn values(&self, ids: &[String]) -> Value {
+        Value::Array(
+            ids.iter()
+                .map(|id| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("value".into(), Value::String(id.clone()));
+                    if let Some(t) = self.member_type {
+                        m.insert("type".into(), Value::String(t.into()));
+                    }
+                    if let Some(base) = &self.ref_base {
+                        m.insert("$ref".into(), Value::String(format!("{base}/Users/{id}")));
+                    }
+                    Value::Object(m)
+                })
+                .collect(),
+        )
+    }
 }
 
 #[cfg(test)]

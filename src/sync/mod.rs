@@ -689,10 +689,7 @@ impl Engine {
     fn with_members(&self, desired: &Value, members: Option<&[String]>) -> Value {
         let mut body = desired.clone();
         if let (Some(m), Some(obj)) = (members, body.as_object_mut()) {
-            obj.insert(
-                "members".into(),
-                scim::member_values(m, self.profile.member_type),
-            );
+            obj.insert("members".into(), self.member_form().values(m));
         }
         body
     }
@@ -985,7 +982,17 @@ impl Engine {
         MemberPolicy {
             max_per_request: self.eff.max_members_per_request,
             replace: self.profile.replace_members,
+            form: self.member_form(),
+        }
+    }
+
+    fn member_form(&self) -> scim::MemberForm {
+        scim::MemberForm {
             member_type: self.profile.member_type,
+            ref_base: self
+                .eff
+                .member_ref
+                .then(|| self.cfg.url.trim_end_matches('/').to_string()),
         }
     }
 

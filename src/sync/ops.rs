@@ -17,7 +17,7 @@ pub struct MemberPolicy {
     pub max_per_request: usize,
     /// Whether `replace` of `members` is accepted (used when the remote set is unknown).
     pub replace: bool,
-    pub member_type: Option<&'static str>,
+    pub form: scim::MemberForm,
 }
 
 impl Default for MemberPolicy {
@@ -25,7 +25,7 @@ impl Default for MemberPolicy {
         Self {
             max_per_request: 1000,
             replace: true,
-            member_type: None,
+            form: scim::MemberForm::default(),
         }
     }
 }
@@ -62,8 +62,7 @@ pub fn patch_requests(
             )
         }
         None if policy.replace && want.len() <= policy.max_per_request => {
-            let op =
-                PatchOperation::replace("members", scim::member_values(want, policy.member_type));
+            let op = PatchOperation::replace("members", policy.form.values(want));
             match requests.last_mut() {
                 Some(last) if last.len() < OPS_PER_REQUEST => last.push(op),
                 _ => requests.push(vec![op]),
@@ -91,7 +90,7 @@ pub fn patch_requests(
         }
     };
     for chunk in add.chunks(max) {
-        let op = PatchOperation::add("members", scim::member_values(chunk, policy.member_type));
+        let op = PatchOperation::add("members", policy.form.values(chunk));
         push(&mut requests, op, chunk.len());
     }
     for m in remove {
@@ -217,7 +216,7 @@ mod tests {
         let aws = MemberPolicy {
             max_per_request: 100,
             replace: false,
-            member_type: None,
+            form: scim::MemberForm::default(),
         };
         let reqs = patch_requests(Some(&g), &g, Some(&had), Some(&want), &aws);
         let values: Vec<usize> = reqs
@@ -251,7 +250,10 @@ mod tests {
         let reqs = patch_requests(Some(&g), &g, None, Some(&want[..3]), &aws);
         assert_eq!(reqs[0][0].op, "add");
         let webex = MemberPolicy {
-            member_type: Some("user"),
+            form: scim::MemberForm {
+                member_type: Some("user"),
+                ref_base: Some("https://t/scim/v2".into()),
+            },
             ..MemberPolicy::default()
         };
         let reqs = patch_requests(Some(&g), &g, Some(&[]), Some(&want[..1]), &webex);

@@ -139,6 +139,8 @@ pub struct Effective {
     pub groups: bool,
     pub max_members_per_request: usize,
     pub filter_max_results: u32,
+    /// Members carry `$ref` (some targets require it).
+    pub member_ref: bool,
 }
 
 impl Effective {
@@ -161,6 +163,7 @@ impl Effective {
                 .unwrap_or(profile.max_members_per_request)
                 .max(1),
             filter_max_results: caps.filter_max_results,
+            member_ref: o.member_ref.unwrap_or(false),
         }
     }
 

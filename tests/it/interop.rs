@@ -224,3 +224,82 @@ async fn scim2_server_full_sync_converges(db: Db) {
 }
 
 on_both_databases!(scim2_server_full_sync_converges);
+
+/// Canaille (PyPI `canaille[oidc,scim]`) as OAuth2 authorization server in front of its own
+/// SCIM server: scimsync gets a client_credentials token (HTTP Basic client authentication)
+/// and provisions through it. `SCIMSYNC_CANAILLE_PYTHON` names the Python that has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canaille_oauth_interop() {
+    let Some(python) = std::env::var("SCIMSYNC_CANAILLE_PYTHON")
+        .ok()
+        .filter(|s| !s.is_empty())
+    else {
+        println!("skipped: canaille_oauth_interop: SCIMSYNC_CANAILLE_PYTHON is not set");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let script = format!(
+        "{}/tests/interop/canaille_server.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let _child = tokio::process::Command::new(&python)
+        .args([&script, &port.to_string(), "scimsync", "interop-secret"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {python} {script}: {e}"));
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{base}/scim/v2/ServiceProviderConfig"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "canaille did not come up on {base}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let Some(mut env) = Env::new(Db::Sqlite, "canaille_oauth_interop").await else {
+        return;
+    };
+    env.target.url = format!("{base}/scim/v2");
+    env.target.auth = scimsync::config::AuthConfig {
+        mode: scimsync::config::AuthMode::Oauth,
+        token_url: Some(format!("{base}/oauth/token")),
+        client_id: Some("scimsync".into()),
+        client_secret: Some("interop-secret".into()),
+        scope: Some("openid profile".into()),
+        ..Default::default()
+    };
+    // Canaille's /Schemas allow only `value` in emails and phoneNumbers and no locale: the
+    // operator's answer is a mapping script, as mappings/README.md describes.
+    // Its groups also want `$ref` on every member.
+    env.target.capabilities.member_ref = Some(true);
+    env.write_mapping(
+        "user",
+        "20-canaille.rhai",
+        r#"
+        let values = |list| if list == () { () } else { list.map(|x| #{ value: x.value }) };
+        #{ emails: values.call(scim.emails), phoneNumbers: values.call(scim.phoneNumbers), locale: () }
+        "#,
+    );
+    env.import(&jsonl(&sample(30, 3, 5))).await;
+    let first = env.sync().await;
+    assert!(
+        first.is_clean(),
+        "{:?}",
+        &first.failures[..first.failures.len().min(5)]
+    );
+    assert_eq!(first.created, 27 + 3, "{first:?}");
+    let second = env.sync().await;
+    assert_eq!((second.writes, second.failed), (0, 0), "{second:?}");
+    env.import(r#"{"kind":"user","id":"u-000001","username":"bob.smith1","name":"Robert Smith","given_name":"Robert","family_name":"Smith","email":"bob.smith1@example.com","attributes":{"locale":"en-US","phone":"+1 555 0001"}}"#).await;
+    let s = env.sync().await;
+    assert_eq!((s.writes, s.updated, s.failed), (1, 1, 0), "{s:?}");
+    env.finish().await;
+}
