@@ -259,7 +259,9 @@ mod tests {
         let reqs = patch_requests(Some(&g), &g, Some(&[]), Some(&want[..1]), &webex);
         assert_eq!(
             reqs[0][0].value,
-            Some(json!([{"value": "u000", "type": "user"}]))
+            Some(
+                json!([{"value": "u000", "type": "user", "$ref": "https://t/scim/v2/Users/u000"}])
+            )
         );
     }
 }
