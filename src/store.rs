@@ -130,7 +130,7 @@ pub struct RunRecord {
     pub detail: Option<String>,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct FailingObject {
     pub target: String,
     pub kind: String,
@@ -138,6 +138,7 @@ pub struct FailingObject {
     pub last_error: Option<String>,
     pub attempts: i64,
     pub updated_at: i64,
+    pub next_attempt_at: Option<i64>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -262,7 +263,7 @@ const USER_BATCH: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name
      u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
      s.members, s.status, s.last_error, s.attempts \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
-     WHERE u.id > $2 ORDER BY u.id LIMIT $3";
+     WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3";
 
 const USER_ONE: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
      u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
@@ -273,14 +274,16 @@ const USER_ONE: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, 
 const GROUP_BATCH: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
      s.last_resource, s.members, s.status, s.last_error, s.attempts \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
-     WHERE g.id > $2 ORDER BY g.id LIMIT $3";
+     WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3";
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
      s.last_resource, s.members, s.status, s.last_error, s.attempts \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      WHERE g.id = $2";
 
-const MEMBERS_RANGE: &str = "SELECT m.group_id, m.user_id, s.remote_id FROM memberships m \
+// A member leaving the target in the current run has no remote id to offer.
+const MEMBERS_RANGE: &str = "SELECT m.group_id, m.user_id, \
+     CASE WHEN s.status = 'leaving' THEN NULL ELSE s.remote_id END AS remote_id FROM memberships m \
      LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id \
      WHERE m.group_id >= $2 AND m.group_id <= $3 ORDER BY m.group_id, m.user_id";
 
@@ -306,13 +309,26 @@ const SAVE_SYNCED: &str = "INSERT INTO sync_state (target, kind, local_id, remot
      ON CONFLICT (target, kind, local_id) DO UPDATE SET remote_id = excluded.remote_id, \
      resource_hash = excluded.resource_hash, last_resource = excluded.last_resource, \
      members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
-     updated_at = excluded.updated_at";
+     updated_at = excluded.updated_at, next_attempt_at = NULL";
 
 const SAVE_FAILED: &str = "INSERT INTO sync_state (target, kind, local_id, status, last_error, \
-     attempts, updated_at) VALUES ($1, $2, $3, 'failed', $4, 1, $5) \
+     attempts, updated_at, next_attempt_at) VALUES ($1, $2, $3, 'failed', $4, 1, $5, $6) \
      ON CONFLICT (target, kind, local_id) DO UPDATE SET status = 'failed', \
-     last_error = excluded.last_error, attempts = sync_state.attempts + 1, \
-     updated_at = excluded.updated_at";
+     last_error = excluded.last_error, \
+     attempts = CASE WHEN sync_state.status = 'failed' THEN sync_state.attempts + 1 ELSE 1 END, \
+     updated_at = excluded.updated_at, next_attempt_at = excluded.next_attempt_at";
+
+/// Milliseconds before retry number `attempts + 1`: 30 s doubling, at most an hour, with up to
+/// 10% jitter derived from the object (so a mass failure does not retry in one burst).
+pub fn retry_delay_ms(attempts: i64, local_id: &str) -> i64 {
+    let base: i64 = 30_000i64
+        .saturating_mul(1i64 << attempts.clamp(0, 7))
+        .min(3_600_000);
+    let spread = local_id
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    base + (spread % (base as u64 / 10 + 1)) as i64
+}
 
 impl Store {
     /// Opens (creating a SQLite file on first use) and migrates the database.
@@ -537,12 +553,14 @@ impl Store {
         &self,
         target: &str,
         after: &str,
+        until: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(User, Option<SyncState>)>, StoreError> {
         let rows: Vec<UserRow> = on_pool!(self, |p| sqlx::query_as(USER_BATCH)
             .bind(target)
             .bind(after)
             .bind(i64::from(limit))
+            .bind(until)
             .fetch_all(p)
             .await)?;
         rows.into_iter().map(UserRow::split).collect()
@@ -567,12 +585,14 @@ impl Store {
         &self,
         target: &str,
         after: &str,
+        until: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
         let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(GROUP_BATCH)
             .bind(target)
             .bind(after)
             .bind(i64::from(limit))
+            .bind(until)
             .fetch_all(p)
             .await)?;
         self.attach_members(target, rows).await
@@ -727,7 +747,8 @@ impl Store {
         Ok(())
     }
 
-    /// Records a failure, keeping whatever is known of the remote object.
+    /// Records a failure, keeping whatever is known of the remote object, and schedules the
+    /// next attempt with exponential backoff (30 s doubling, at most an hour, with jitter).
     pub async fn save_failed(
         &self,
         target: &str,
@@ -735,16 +756,99 @@ impl Store {
         local_id: &str,
         error: &str,
     ) -> Result<(), StoreError> {
+        let attempts = self
+            .state(target, kind, local_id)
+            .await?
+            .filter(|s| s.status == "failed")
+            .map_or(0, |s| s.attempts);
+        let now = now_ms();
+        let next = now + retry_delay_ms(attempts, local_id);
         on_pool!(self, |p| sqlx::query(SAVE_FAILED)
             .bind(target)
             .bind(kind.as_str())
             .bind(local_id)
             .bind(error)
-            .bind(now_ms())
+            .bind(now)
+            .bind(next)
             .execute(p)
             .await
             .map(|_| ()))?;
         Ok(())
+    }
+
+    /// Marks a provisioned object as leaving the target: it is no group's member any more and
+    /// the run's deprovisioning removes it.
+    pub async fn mark_leaving(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "UPDATE sync_state SET status = 'leaving', updated_at = $4 \
+             WHERE target = $1 AND kind = $2 AND local_id = $3"
+        )
+        .bind(target)
+        .bind(kind.as_str())
+        .bind(local_id)
+        .bind(now_ms())
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Objects marked leaving on `target` (still in the directory, out of scope).
+    pub async fn leaving(&self, target: &str, kind: Kind) -> Result<Vec<Orphan>, StoreError> {
+        let sql = format!(
+            "SELECT s.local_id, {STATE_COLS} FROM sync_state s \
+             WHERE s.target = $1 AND s.kind = $2 AND s.status = 'leaving' ORDER BY s.local_id"
+        );
+        let rows: Vec<OrphanRow> = on_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(target)
+            .bind(kind.as_str())
+            .fetch_all(p)
+            .await)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let Some(state) = r.state.into_state(&r.local_id)? {
+                out.push(Orphan {
+                    local_id: r.local_id,
+                    state,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Failed objects on `target` whose next attempt is due.
+    pub async fn due_retries(
+        &self,
+        target: &str,
+        limit: i64,
+    ) -> Result<Vec<(Kind, String)>, StoreError> {
+        let rows: Vec<(String, String)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT kind, local_id FROM sync_state WHERE target = $1 AND status = 'failed' \
+             AND next_attempt_at <= $2 ORDER BY next_attempt_at LIMIT $3"
+        )
+        .bind(target)
+        .bind(now_ms())
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, id)| {
+                (
+                    if k == "group" {
+                        Kind::Group
+                    } else {
+                        Kind::User
+                    },
+                    id,
+                )
+            })
+            .collect())
     }
 
     pub async fn delete_state(
@@ -775,54 +879,6 @@ impl Store {
         Ok(n)
     }
 
-    pub async fn start_run(
-        &self,
-        target: &str,
-        trigger: &str,
-        dry_run: bool,
-    ) -> Result<i64, StoreError> {
-        let (id,): (i64,) = on_pool!(self, |p| sqlx::query_as(
-            "INSERT INTO runs (target, trigger, dry_run, started_at, status) \
-             VALUES ($1, $2, $3, $4, 'running') RETURNING id"
-        )
-        .bind(target)
-        .bind(trigger)
-        .bind(dry_run)
-        .bind(now_ms())
-        .fetch_one(p)
-        .await)?;
-        Ok(id)
-    }
-
-    pub async fn finish_run(
-        &self,
-        id: i64,
-        status: &str,
-        c: &RunCounts,
-        detail: Option<&str>,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, |p| sqlx::query(
-            "UPDATE runs SET finished_at = $2, status = $3, created = $4, updated = $5, \
-             unchanged = $6, deleted = $7, skipped = $8, failed = $9, requests = $10, \
-             detail = $11 WHERE id = $1"
-        )
-        .bind(id)
-        .bind(now_ms())
-        .bind(status)
-        .bind(c.created)
-        .bind(c.updated)
-        .bind(c.unchanged)
-        .bind(c.deleted)
-        .bind(c.skipped)
-        .bind(c.failed)
-        .bind(c.requests)
-        .bind(detail)
-        .execute(p)
-        .await
-        .map(|_| ()))?;
-        Ok(())
-    }
-
     pub async fn recent_runs(
         &self,
         target: Option<&str>,
@@ -842,7 +898,8 @@ impl Store {
 
     pub async fn failing(&self, target: Option<&str>) -> Result<Vec<FailingObject>, StoreError> {
         let rows = on_pool!(self, |p| sqlx::query_as(
-            "SELECT target, kind, local_id, last_error, attempts, updated_at FROM sync_state \
+            "SELECT target, kind, local_id, last_error, attempts, updated_at, next_attempt_at \
+             FROM sync_state \
              WHERE status = 'failed' AND ($1 IS NULL OR target = $1) \
              ORDER BY target, kind, local_id"
         )
@@ -919,4 +976,360 @@ impl Store {
         .await)?;
         Ok(n)
     }
+
+    // ---- daemon: event cursors, leases, full-sync runs made of batch jobs ----
+
+    /// The last event `target` has consumed (0 before the first).
+    pub async fn cursor(&self, target: &str) -> Result<i64, StoreError> {
+        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT last_seq FROM event_cursors WHERE target = $1"
+        )
+        .bind(target)
+        .fetch_optional(p)
+        .await)?;
+        Ok(row.map_or(0, |(s,)| s))
+    }
+
+    pub async fn set_cursor(&self, target: &str, seq: i64) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "INSERT INTO event_cursors (target, last_seq) VALUES ($1, $2) \
+             ON CONFLICT (target) DO UPDATE SET last_seq = excluded.last_seq"
+        )
+        .bind(target)
+        .bind(seq)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Events after `seq`, oldest first: (seq, kind, object id, created_at).
+    pub async fn events_after(
+        &self,
+        seq: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String, i64)>, StoreError> {
+        let rows = on_pool!(self, |p| sqlx::query_as(
+            "SELECT seq, kind, object_id, created_at FROM change_events WHERE seq > $1 \
+             ORDER BY seq LIMIT $2"
+        )
+        .bind(seq)
+        .bind(limit)
+        .fetch_all(p)
+        .await)?;
+        Ok(rows)
+    }
+
+    /// (events not yet consumed by `target`, created_at of the oldest of them).
+    pub async fn backlog(&self, target: &str) -> Result<(i64, Option<i64>), StoreError> {
+        let cursor = self.cursor(target).await?;
+        let row: (i64, Option<i64>) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*), MIN(created_at) FROM change_events WHERE seq > $1"
+        )
+        .bind(cursor)
+        .fetch_one(p)
+        .await)?;
+        Ok(row)
+    }
+
+    /// Takes or renews the lease `name` for `holder` until `ttl_ms` from now; false when
+    /// someone else holds it unexpired.
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let affected = on_pool!(self, |p| sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+             WHERE leases.holder = excluded.holder OR leases.expires_at < $4"
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now + ttl_ms)
+        .bind(now)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(affected > 0)
+    }
+
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "DELETE FROM leases WHERE name = $1 AND holder = $2"
+        )
+        .bind(name)
+        .bind(holder)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The full sync of `target` that is running, if any.
+    pub async fn running_run(&self, target: &str) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT id FROM runs WHERE target = $1 AND status = 'running'"
+        )
+        .bind(target)
+        .fetch_optional(p)
+        .await)?;
+        Ok(row.map(|(id,)| id))
+    }
+
+    /// Starts a full sync of `target` made of batch jobs (users, then groups, then
+    /// deprovisioning), or returns the one already running: (run id, created by this call).
+    pub async fn start_run_with_jobs(
+        &self,
+        target: &str,
+        trigger: &str,
+        batch_size: u32,
+    ) -> Result<(i64, bool), StoreError> {
+        let now = now_ms();
+        let batch = batch_size.max(1) as usize;
+        let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            let (run_id,): (i64,) = sqlx::query_as(
+                "INSERT INTO runs (target, trigger, dry_run, started_at, status) \
+                 VALUES ($1, $2, $3, $4, 'running') RETURNING id",
+            )
+            .bind(target)
+            .bind(trigger)
+            .bind(false)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+            for (phase, table) in [(0i64, "users"), (1, "groups")] {
+                let ids: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM {table} ORDER BY id"
+                )))
+                .fetch_all(&mut *tx)
+                .await?;
+                // Contiguous ranges (after, until] covering every id, the last one open-ended,
+                // so objects added while the run goes are not missed.
+                let mut bounds: Vec<(String, Option<String>)> = Vec::new();
+                let mut after = String::new();
+                for chunk in ids.chunks(batch) {
+                    let until = chunk.last().map(|(id,)| id.clone());
+                    bounds.push((after.clone(), until.clone()));
+                    after = until.unwrap_or_default();
+                }
+                match bounds.last_mut() {
+                    Some(last) => last.1 = None,
+                    None => bounds.push((String::new(), None)),
+                }
+                for (after, until) in bounds {
+                    sqlx::query(
+                        "INSERT INTO jobs (run_id, target, phase, after_id, until_id, status) \
+                         VALUES ($1, $2, $3, $4, $5, 'pending')",
+                    )
+                    .bind(run_id)
+                    .bind(target)
+                    .bind(phase)
+                    .bind(after)
+                    .bind(until)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO jobs (run_id, target, phase, after_id, until_id, status) \
+                 VALUES ($1, $2, 2, '', NULL, 'pending')",
+            )
+            .bind(run_id)
+            .bind(target)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(run_id)
+        }
+        .await);
+        match created {
+            Ok(id) => Ok((id, true)),
+            // Another process started one first: join it.
+            Err(e) if is_unique_violation(&e) => match self.running_run(target).await? {
+                Some(id) => Ok((id, false)),
+                None => Err(StoreError::Database(e)),
+            },
+            Err(e) => Err(StoreError::Database(e)),
+        }
+    }
+
+    /// Claims the next claimable job (optionally of one run): pending, or running with an
+    /// expired lease (its worker died); a phase only once every earlier phase of its run is
+    /// done.
+    pub async fn claim_job(
+        &self,
+        holder: &str,
+        lease_ms: i64,
+        run: Option<i64>,
+    ) -> Result<Option<Job>, StoreError> {
+        let now = now_ms();
+        let pick = "SELECT j.id FROM jobs j WHERE (j.status = 'pending' \
+             OR (j.status = 'running' AND j.lease_until < $3)) \
+             AND ($4 IS NULL OR j.run_id = $4) \
+             AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
+                 AND e.phase < j.phase AND e.status <> 'done') \
+             ORDER BY j.run_id, j.phase, j.id LIMIT 1";
+        let job: Option<Job> = match &*self.backend {
+            Backend::Sqlite(p) => {
+                // One statement: SQLite runs writers one at a time, so the claim is atomic.
+                let sql = format!(
+                    "UPDATE jobs SET status = 'running', holder = $1, lease_until = $2, \
+                     attempts = attempts + 1 WHERE id = ({pick}) RETURNING {JOB_COLS}"
+                );
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(holder)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind(run)
+                    .fetch_optional(p)
+                    .await?
+            }
+            Backend::Postgres(p) => {
+                let sql = format!(
+                    "UPDATE jobs SET status = 'running', holder = $1, lease_until = $2, \
+                     attempts = attempts + 1 WHERE id = ({pick} FOR UPDATE SKIP LOCKED) \
+                     RETURNING {JOB_COLS}"
+                );
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(holder)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind(run)
+                    .fetch_optional(p)
+                    .await?
+            }
+        };
+        Ok(job)
+    }
+
+    /// Extends a job's lease; false when the job is no longer this holder's.
+    pub async fn renew_job(
+        &self,
+        id: i64,
+        holder: &str,
+        lease_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n =
+            on_pool!(self, |p| {
+                sqlx::query(
+            "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND holder = $2 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(holder)
+        .bind(now_ms() + lease_ms)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected())
+            })?;
+        Ok(n > 0)
+    }
+
+    /// Records a job's result; false when it was not this holder's any more (taken over).
+    pub async fn finish_job(
+        &self,
+        id: i64,
+        holder: &str,
+        result: &Value,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, |p| sqlx::query(
+            "UPDATE jobs SET status = 'done', result = $3, lease_until = NULL \
+             WHERE id = $1 AND holder = $2 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(holder)
+        .bind(result.to_string())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+
+    /// Gives a job back (shutdown): someone else may claim it at once.
+    pub async fn release_job(&self, id: i64, holder: &str) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "UPDATE jobs SET status = 'pending', holder = NULL, lease_until = NULL \
+             WHERE id = $1 AND holder = $2 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(holder)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Jobs of a run not done yet, and the results of those that are.
+    pub async fn run_progress(&self, run_id: i64) -> Result<(i64, Vec<Value>), StoreError> {
+        let rows: Vec<(String, Option<String>)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT status, result FROM jobs WHERE run_id = $1 ORDER BY phase, id"
+        )
+        .bind(run_id)
+        .fetch_all(p)
+        .await)?;
+        let pending = rows.iter().filter(|(s, _)| s != "done").count() as i64;
+        let results = rows
+            .into_iter()
+            .filter_map(|(_, r)| r.and_then(|t| serde_json::from_str(&t).ok()))
+            .collect();
+        Ok((pending, results))
+    }
+
+    /// Closes a running run once; false when someone else already did.
+    pub async fn complete_run(
+        &self,
+        id: i64,
+        status: &str,
+        c: &RunCounts,
+        detail: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let n = on_pool!(self, |p| sqlx::query(
+            "UPDATE runs SET finished_at = $2, status = $3, created = $4, updated = $5, \
+             unchanged = $6, deleted = $7, skipped = $8, failed = $9, requests = $10, \
+             detail = $11 WHERE id = $1 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(now_ms())
+        .bind(status)
+        .bind(c.created)
+        .bind(c.updated)
+        .bind(c.unchanged)
+        .bind(c.deleted)
+        .bind(c.skipped)
+        .bind(c.failed)
+        .bind(c.requests)
+        .bind(detail)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(n > 0)
+    }
+
+    /// Jobs currently claimed (for tests and `status`).
+    pub async fn claimed_jobs(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'running'"
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(n)
+    }
+}
+
+const JOB_COLS: &str = "id, run_id, target, phase, after_id, until_id";
+
+/// One claimed batch of a full sync.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Job {
+    pub id: i64,
+    pub run_id: i64,
+    pub target: String,
+    /// 0 users, 1 groups, 2 deprovisioning.
+    pub phase: i64,
+    pub after_id: String,
+    pub until_id: Option<String>,
 }

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -20,7 +21,21 @@ use crate::target::Profile;
 mod discover;
 mod ops;
 
-use crate::store::{Member, RunCounts, Store, StoreError, SyncState, Synced};
+/// How long a claimed job stays claimed without renewal (renewed every third of it).
+pub const JOB_LEASE_MS: i64 = 30_000;
+
+/// Where a run keeps the objects that leave the target until its deprovisioning.
+enum Leaving {
+    /// Dry runs: nothing may be written.
+    Memory {
+        list: Vec<(Kind, String, SyncState)>,
+        users: HashSet<String>,
+    },
+    /// Real runs: marked in sync_state, visible to the run's later jobs in any process.
+    Store,
+}
+
+use crate::store::{Job, Member, RunCounts, Store, StoreError, SyncState, Synced};
 use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
 pub use discover::discover;
 use ops::{MemberPolicy, patch_requests};
@@ -43,7 +58,7 @@ pub struct SyncOptions {
 }
 
 /// A request a dry run would have sent.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct PlannedRequest {
     pub method: String,
     pub path: String,
@@ -83,8 +98,9 @@ impl Serialize for Kind {
     }
 }
 
-/// The result of one full sync of one target.
-#[derive(Debug, Clone, Default, Serialize)]
+/// The result of one full sync of one target (or of one of its batches).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RunSummary {
     pub target: String,
     pub run_id: Option<i64>,
@@ -124,6 +140,24 @@ impl RunSummary {
             }
         }
         self.planned.extend(r.planned);
+    }
+
+    /// Adds the result of one batch of the same run.
+    fn merge(&mut self, p: RunSummary) {
+        self.created += p.created;
+        self.updated += p.updated;
+        self.unchanged += p.unchanged;
+        self.deleted += p.deleted;
+        self.skipped += p.skipped;
+        self.failed += p.failed;
+        self.requests += p.requests;
+        self.writes += p.writes;
+        if p.held_back.is_some() {
+            self.held_back = p.held_back;
+        }
+        self.notes.extend(p.notes);
+        self.failures.extend(p.failures);
+        self.planned.extend(p.planned);
     }
 
     fn counts(&self) -> RunCounts {
@@ -263,59 +297,223 @@ impl Engine {
         &self.cfg.name
     }
 
-    /// One full sync: users, groups, then deprovisioning.
+    /// One full sync: users, groups, then deprovisioning. A real run is a run record made of
+    /// batch jobs in the database, worked here (and by any daemon sharing the database) until
+    /// it is complete; a dry run goes through the same phases in memory and records nothing.
     pub async fn full_sync(&self, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
-        let run_id = if self.opts.dry_run {
-            None
-        } else {
-            Some(
-                self.store
-                    .start_run(self.target(), &self.opts.trigger, false)
-                    .await?,
-            )
+        if self.opts.dry_run {
+            return self.dry_full_sync(progress).await;
+        }
+        let (run_id, _) = self
+            .store
+            .start_run_with_jobs(self.target(), &self.opts.trigger, self.opts.batch_size)
+            .await?;
+        let holder = format!(
+            "cli-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut phase = -1;
+        loop {
+            if let Some(job) = self
+                .store
+                .claim_job(&holder, JOB_LEASE_MS, Some(run_id))
+                .await?
+            {
+                if job.phase != phase {
+                    phase = job.phase;
+                    let (name, total) = match phase {
+                        0 => ("users", self.store.count(Kind::User).await? as u64),
+                        1 => ("groups", self.store.count(Kind::Group).await? as u64),
+                        _ => ("deprovision", 0),
+                    };
+                    progress.phase(self.target(), name, total);
+                }
+                self.work_job(&job, &holder, progress).await?;
+                continue;
+            }
+            let (pending, _) = self.store.run_progress(run_id).await?;
+            if pending == 0 {
+                break;
+            }
+            // Other workers hold the rest; a dead one's lease expires and its job comes back.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        progress.done();
+        self.run_summary(run_id).await
+    }
+
+    /// The summary of a run from its jobs' results (and its record once complete).
+    pub async fn run_summary(&self, run_id: i64) -> Result<RunSummary, SyncError> {
+        let (_, results) = self.store.run_progress(run_id).await?;
+        let mut summary = RunSummary {
+            target: self.target().to_string(),
+            run_id: Some(run_id),
+            ..Default::default()
         };
+        for r in results {
+            if let Ok(part) = serde_json::from_value::<RunSummary>(r) {
+                summary.merge(part);
+            }
+        }
+        Ok(summary)
+    }
+
+    /// Runs one claimed job, keeping its lease alive, and closes the run after its last job.
+    pub async fn work_job(
+        &self,
+        job: &Job,
+        holder: &str,
+        progress: &dyn Progress,
+    ) -> Result<(), SyncError> {
+        let renew = {
+            let store = self.store.clone();
+            let holder = holder.to_string();
+            let id = job.id;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis((JOB_LEASE_MS / 3) as u64)).await;
+                    if !matches!(store.renew_job(id, &holder, JOB_LEASE_MS).await, Ok(true)) {
+                        break;
+                    }
+                }
+            })
+        };
+        let result = self.run_job(job, progress).await;
+        renew.abort();
+        let part = result?;
+        let value = serde_json::to_value(&part).unwrap_or(Value::Null);
+        if !self.store.finish_job(job.id, holder, &value).await? {
+            tracing::warn!(target = %self.cfg.name, job = job.id, "job was taken over while running; its result is dropped");
+            return Ok(());
+        }
+        let (pending, _) = self.store.run_progress(job.run_id).await?;
+        if pending == 0 {
+            let summary = self.run_summary(job.run_id).await?;
+            let status = if summary.is_clean() {
+                "succeeded"
+            } else {
+                "failed"
+            };
+            let detail = summary
+                .held_back
+                .clone()
+                .or_else(|| (!summary.notes.is_empty()).then(|| summary.notes.join("; ")));
+            if self
+                .store
+                .complete_run(job.run_id, status, &summary.counts(), detail.as_deref())
+                .await?
+            {
+                metrics::counter!("scimsync_runs_total", "target" => self.cfg.name.clone(), "result" => status).increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch of a run: a range of users, a range of groups, or the deprovisioning.
+    async fn run_job(&self, job: &Job, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
+        let before = (self.client.stats.total(), self.client.stats.writes());
+        let mut part = RunSummary {
+            target: self.target().to_string(),
+            run_id: Some(job.run_id),
+            ..Default::default()
+        };
+        let mut leaving = Leaving::Store;
+        let until = job.until_id.as_deref();
+        match job.phase {
+            0 => {
+                self.users_range(&job.after_id, until, &mut part, &mut leaving, progress)
+                    .await?
+            }
+            1 => {
+                self.groups_range(&job.after_id, until, &mut part, &mut leaving, progress)
+                    .await?
+            }
+            _ => {
+                // Deprovisioning follows only a clean run: count the failures of its batches.
+                let (_, results) = self.store.run_progress(job.run_id).await?;
+                let failed: i64 = results
+                    .iter()
+                    .filter_map(|r| r.get("failed").and_then(Value::as_i64))
+                    .sum();
+                let mut candidates = Vec::new();
+                for &kind in self.kinds() {
+                    for o in self.store.leaving(self.target(), kind).await? {
+                        candidates.push((kind, o.local_id, o.state));
+                    }
+                }
+                self.deprovision_phase(&mut part, candidates, failed, progress)
+                    .await?;
+            }
+        }
+        part.requests = self.client.stats.total().saturating_sub(before.0);
+        part.writes = self.client.stats.writes().saturating_sub(before.1);
+        Ok(part)
+    }
+
+    /// A dry run: every phase in memory, nothing recorded.
+    async fn dry_full_sync(&self, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
         let before = (self.client.stats.total(), self.client.stats.writes());
         let mut summary = RunSummary {
             target: self.target().to_string(),
-            run_id,
             ..Default::default()
         };
-        let result = self.full_sync_inner(&mut summary, progress).await;
+        let mut leaving = Leaving::Memory {
+            list: Vec::new(),
+            users: HashSet::new(),
+        };
+        progress.phase(
+            self.target(),
+            "users",
+            self.store.count(Kind::User).await? as u64,
+        );
+        self.users_range("", None, &mut summary, &mut leaving, progress)
+            .await?;
+        progress.phase(
+            self.target(),
+            "groups",
+            self.store.count(Kind::Group).await? as u64,
+        );
+        self.groups_range("", None, &mut summary, &mut leaving, progress)
+            .await?;
+        let candidates = match leaving {
+            Leaving::Memory { list, .. } => list,
+            Leaving::Store => Vec::new(),
+        };
+        let failed = summary.failed;
+        self.deprovision_phase(&mut summary, candidates, failed, progress)
+            .await?;
         progress.done();
         summary.requests = self.client.stats.total() - before.0;
         summary.writes = self.client.stats.writes() - before.1;
-        if let Some(id) = run_id {
-            let status = match (&result, summary.is_clean()) {
-                (Err(_), _) => "error",
-                (Ok(()), true) => "succeeded",
-                (Ok(()), false) => "failed",
-            };
-            let detail = match &result {
-                Err(e) => Some(e.to_string()),
-                Ok(()) => summary.held_back.clone(),
-            };
-            self.store
-                .finish_run(id, status, &summary.counts(), detail.as_deref())
-                .await?;
-        }
-        result.map(|()| summary)
+        Ok(summary)
     }
 
-    async fn full_sync_inner(
+    /// The kinds this target takes, groups first (the order of deprovisioning).
+    fn kinds(&self) -> &'static [Kind] {
+        if self.eff.groups {
+            &[Kind::Group, Kind::User]
+        } else {
+            &[Kind::User]
+        }
+    }
+
+    async fn users_range(
         &self,
+        after: &str,
+        until: Option<&str>,
         summary: &mut RunSummary,
+        leaving: &mut Leaving,
         progress: &dyn Progress,
     ) -> Result<(), SyncError> {
         let target = self.target().to_string();
-        let limit = self.opts.batch_size;
-        let mut leaving: Vec<(Kind, String, SyncState)> = Vec::new();
-        let mut leaving_users: HashSet<String> = HashSet::new();
-
-        progress.phase(&target, "users", self.store.count(Kind::User).await? as u64);
-        let mut after = String::new();
+        let mut after = after.to_string();
         loop {
             self.refresh_mappings();
-            let batch = self.store.user_batch(&target, &after, limit).await?;
+            let batch = self
+                .store
+                .user_batch(&target, &after, until, self.opts.batch_size)
+                .await?;
             let Some((last, _)) = batch.last() else { break };
             after = last.id.clone();
             let n = batch.len() as u64;
@@ -328,32 +526,101 @@ impl Engine {
                 if r.action == Action::OutOfScope
                     && let Some(s) = r.state.take()
                 {
-                    leaving_users.insert(r.id.clone());
-                    leaving.push((Kind::User, r.id.clone(), s));
+                    self.leave(leaving, Kind::User, &r.id, s).await?;
                 }
                 summary.add(r);
             }
             progress.advance(n);
         }
+        Ok(())
+    }
 
-        let groups = self.store.count(Kind::Group).await? as u64;
-        if self.eff.groups {
-            self.sync_groups(summary, progress, &mut leaving, &leaving_users, groups)
-                .await?;
-        } else if groups > 0 {
-            let note = format!(
-                "the target offers no Groups resource (ResourceTypes): {groups} group(s) not synced"
-            );
-            tracing::warn!(target = %target, "{note}");
-            summary.notes.push(note);
+    async fn groups_range(
+        &self,
+        after: &str,
+        until: Option<&str>,
+        summary: &mut RunSummary,
+        leaving: &mut Leaving,
+        progress: &dyn Progress,
+    ) -> Result<(), SyncError> {
+        let target = self.target().to_string();
+        if !self.eff.groups {
+            let groups = self.store.count(Kind::Group).await?;
+            // Said once per run: by the batch that starts at the beginning.
+            if groups > 0 && after.is_empty() {
+                let note = format!(
+                    "the target offers no Groups resource (ResourceTypes): {groups} group(s) not synced"
+                );
+                tracing::warn!(target = %target, "{note}");
+                summary.notes.push(note);
+            }
+            return Ok(());
         }
+        let no_one = HashSet::new();
+        let mut after = after.to_string();
+        loop {
+            self.refresh_mappings();
+            let batch = self
+                .store
+                .group_batch(&target, &after, until, self.opts.batch_size)
+                .await?;
+            let Some((last, _, _)) = batch.last() else {
+                break;
+            };
+            after = last.id.clone();
+            let n = batch.len() as u64;
+            let leaving_users = match &*leaving {
+                Leaving::Memory { users, .. } => users,
+                Leaving::Store => &no_one,
+            };
+            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
+                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
+                .buffer_unordered(self.cfg.concurrency)
+                .collect()
+                .await;
+            for mut r in reports {
+                if r.action == Action::OutOfScope
+                    && let Some(s) = r.state.take()
+                {
+                    self.leave(leaving, Kind::Group, &r.id, s).await?;
+                }
+                summary.add(r);
+            }
+            progress.advance(n);
+        }
+        Ok(())
+    }
 
-        let kinds: &[Kind] = if self.eff.groups {
-            &[Kind::Group, Kind::User]
-        } else {
-            &[Kind::User]
-        };
-        for &kind in kinds {
+    async fn leave(
+        &self,
+        leaving: &mut Leaving,
+        kind: Kind,
+        id: &str,
+        state: SyncState,
+    ) -> Result<(), SyncError> {
+        match leaving {
+            Leaving::Memory { list, users } => {
+                if kind == Kind::User {
+                    users.insert(id.to_string());
+                }
+                list.push((kind, id.to_string(), state));
+            }
+            Leaving::Store => self.store.mark_leaving(self.target(), kind, id).await?,
+        }
+        Ok(())
+    }
+
+    /// Deprovisions what left the directory (orphans) or the scope (`leaving`), groups first,
+    /// unless the run had failures or the deletion guard holds.
+    async fn deprovision_phase(
+        &self,
+        summary: &mut RunSummary,
+        mut leaving: Vec<(Kind, String, SyncState)>,
+        failed_in_run: i64,
+        progress: &dyn Progress,
+    ) -> Result<(), SyncError> {
+        let target = self.target().to_string();
+        for &kind in self.kinds() {
             for o in self.store.orphans(&target, kind).await? {
                 if o.state.remote_id.is_some() {
                     leaving.push((kind, o.local_id, o.state));
@@ -366,7 +633,7 @@ impl Engine {
         if leaving.is_empty() {
             return Ok(());
         }
-        if let Some(why) = self.hold_back(summary, leaving.len() as u64).await? {
+        if let Some(why) = self.hold_back(failed_in_run, leaving.len() as u64).await? {
             tracing::warn!(target = %target, "{why}");
             summary.held_back = Some(why);
             return Ok(());
@@ -389,54 +656,11 @@ impl Engine {
         Ok(())
     }
 
-    async fn sync_groups(
-        &self,
-        summary: &mut RunSummary,
-        progress: &dyn Progress,
-        leaving: &mut Vec<(Kind, String, SyncState)>,
-        leaving_users: &HashSet<String>,
-        total: u64,
-    ) -> Result<(), SyncError> {
-        let target = self.target().to_string();
-        let limit = self.opts.batch_size;
-        progress.phase(&target, "groups", total);
-        let mut after = String::new();
-        loop {
-            self.refresh_mappings();
-            let batch = self.store.group_batch(&target, &after, limit).await?;
-            let Some((last, _, _)) = batch.last() else {
-                break;
-            };
-            after = last.id.clone();
-            let n = batch.len() as u64;
-            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
-                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
-                .buffer_unordered(self.cfg.concurrency)
-                .collect()
-                .await;
-            for mut r in reports {
-                if r.action == Action::OutOfScope
-                    && let Some(s) = r.state.take()
-                {
-                    leaving.push((Kind::Group, r.id.clone(), s));
-                }
-                summary.add(r);
-            }
-            progress.advance(n);
-        }
-        Ok(())
-    }
-
     /// Why deprovisioning must wait, if it must.
-    async fn hold_back(
-        &self,
-        summary: &RunSummary,
-        deletions: u64,
-    ) -> Result<Option<String>, SyncError> {
-        if summary.failed > 0 {
+    async fn hold_back(&self, failed: i64, deletions: u64) -> Result<Option<String>, SyncError> {
+        if failed > 0 {
             return Ok(Some(format!(
-                "deprovisioning of {deletions} object(s) held back: {} object(s) failed in this run, and deletions follow only a clean run",
-                summary.failed
+                "deprovisioning of {deletions} object(s) held back: {failed} object(s) failed in this run, and deletions follow only a clean run"
             )));
         }
         if self.opts.allow_deletions {
