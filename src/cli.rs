@@ -35,12 +35,24 @@ struct Cli {
         default_value = "scimsync.toml"
     )]
     config: PathBuf,
+    /// Log lines as human-readable text or as JSON (one object a line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon: change events, scheduled full syncs, batch workers, /healthz, /readyz,
+    /// /metrics; stops gracefully on SIGTERM/SIGINT.
+    Run,
     /// Sync now: everything (--full) or one object (--user / --group).
     Sync(SyncArgs),
     /// Show what a full sync would send, without sending it or changing state.
@@ -172,12 +184,21 @@ struct UsageError(String);
 
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon says what it does; one-shot commands speak up only about problems.
+    let default_level = if matches!(cli.command, Command::Run) {
+        "info"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCIMSYNC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
@@ -222,8 +243,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+fn lease_ms(cfg: &Config) -> i64 {
+    i64::try_from(cfg.worker.job_lease.0.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
 async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<ExitCode> {
     match command {
+        Command::Run => {
+            if cfg.targets.is_empty() {
+                return Err(UsageError("the config has no [[target]]".into()).into());
+            }
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                wait_for_shutdown().await;
+                tracing::info!("stop requested; finishing in-flight work");
+                stop.cancel();
+            });
+            crate::daemon::run(cfg.clone(), store.clone(), cancel)
+                .await
+                .map_err(|e| match e {
+                    crate::daemon::DaemonError::Scheduler(_)
+                    | crate::daemon::DaemonError::Listen { .. } => {
+                        anyhow::Error::from(UsageError(e.to_string()))
+                    }
+                    other => anyhow::Error::from(other),
+                })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sync(args) => {
             let opts = SyncOptions {
                 dry_run: args.dry_run,
@@ -231,6 +278,7 @@ async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<Exi
                 batch_size: cfg.worker.batch_size,
                 trace: !args.what.full,
                 trigger: "cli".into(),
+                job_lease_ms: lease_ms(cfg),
             };
             let targets = select_targets(cfg, args.target.as_deref())?;
             if args.what.full {

@@ -67,6 +67,20 @@ pub struct WorkerConfig {
     pub batch_size: u32,
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// How often the daemon looks for change events when nothing wakes it (SQLite has no
+    /// notifications; PostgreSQL wakes it at once).
+    #[serde(default = "default_poll")]
+    pub event_poll_interval_ms: u64,
+    /// How long a claimed full-sync batch stays claimed without its worker renewing it: after
+    /// a crash, another worker takes it over this much later.
+    #[serde(default = "default_lease")]
+    pub job_lease: Seconds,
+    /// Full-sync batches one process works on at the same time.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// On SIGTERM/SIGINT, how long in-flight work may take before it is handed back.
+    #[serde(default = "default_shutdown")]
+    pub shutdown_timeout: Seconds,
 }
 
 impl Default for WorkerConfig {
@@ -75,8 +89,25 @@ impl Default for WorkerConfig {
             full_sync_cron: default_cron(),
             batch_size: default_batch_size(),
             listen: default_listen(),
+            event_poll_interval_ms: default_poll(),
+            job_lease: default_lease(),
+            workers: default_workers(),
+            shutdown_timeout: default_shutdown(),
         }
     }
+}
+
+fn default_poll() -> u64 {
+    250
+}
+fn default_lease() -> Seconds {
+    Seconds(30)
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_shutdown() -> Seconds {
+    Seconds(30)
 }
 
 fn default_cron() -> String {
@@ -591,6 +622,21 @@ impl Config {
             return Err((
                 "worker.batch_size".into(),
                 "must be between 1 and 10000".into(),
+            ));
+        }
+        if self.worker.job_lease.0 < 3 {
+            return Err((
+                "worker.job_lease".into(),
+                "must be at least 3 seconds".into(),
+            ));
+        }
+        if self.worker.workers == 0 || self.worker.workers > 64 {
+            return Err(("worker.workers".into(), "must be between 1 and 64".into()));
+        }
+        if self.worker.event_poll_interval_ms == 0 {
+            return Err((
+                "worker.event_poll_interval_ms".into(),
+                "must be at least 1".into(),
             ));
         }
         let fields = self.worker.full_sync_cron.split_whitespace().count();

@@ -1003,6 +1003,46 @@ impl Store {
         Ok(())
     }
 
+    pub async fn has_cursor(&self, target: &str) -> Result<bool, StoreError> {
+        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT last_seq FROM event_cursors WHERE target = $1"
+        )
+        .bind(target)
+        .fetch_optional(p)
+        .await)?;
+        Ok(row.is_some())
+    }
+
+    pub async fn last_event_seq(&self) -> Result<i64, StoreError> {
+        let (n,): (Option<i64>,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT MAX(seq) FROM change_events"
+        )
+        .fetch_one(p)
+        .await)?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Whether the directory holds this object.
+    pub async fn exists(&self, kind: Kind, id: &str) -> Result<bool, StoreError> {
+        let sql = match kind {
+            Kind::User => "SELECT COUNT(*) FROM users WHERE id = $1",
+            Kind::Group => "SELECT COUNT(*) FROM groups WHERE id = $1",
+        };
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(sql).bind(id).fetch_one(p).await)?;
+        Ok(n > 0)
+    }
+
+    /// PostgreSQL: a listener woken by every change event (the triggers NOTIFY); SQLite: None,
+    /// and the daemon polls.
+    pub async fn event_notifications(&self) -> Option<sqlx::postgres::PgListener> {
+        let Backend::Postgres(pool) = &*self.backend else {
+            return None;
+        };
+        let mut l = sqlx::postgres::PgListener::connect_with(pool).await.ok()?;
+        l.listen("scimsync_events").await.ok()?;
+        Some(l)
+    }
+
     /// Events after `seq`, oldest first: (seq, kind, object id, created_at).
     pub async fn events_after(
         &self,
@@ -1214,9 +1254,8 @@ impl Store {
         holder: &str,
         lease_ms: i64,
     ) -> Result<bool, StoreError> {
-        let n =
-            on_pool!(self, |p| {
-                sqlx::query(
+        let n = on_pool!(self, |p| {
+            sqlx::query(
             "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND holder = $2 AND status = 'running'"
         )
         .bind(id)
@@ -1225,7 +1264,7 @@ impl Store {
         .execute(p)
         .await
         .map(|r| r.rows_affected())
-            })?;
+        })?;
         Ok(n > 0)
     }
 

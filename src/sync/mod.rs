@@ -21,7 +21,7 @@ use crate::target::Profile;
 mod discover;
 mod ops;
 
-/// How long a claimed job stays claimed without renewal (renewed every third of it).
+/// How long a claimed job stays claimed without renewal by default (renewed every third).
 pub const JOB_LEASE_MS: i64 = 30_000;
 
 /// Where a run keeps the objects that leave the target until its deprovisioning.
@@ -55,6 +55,8 @@ pub struct SyncOptions {
     pub trace: bool,
     /// What started the run, for the run record ("cli", "schedule", ...).
     pub trigger: String,
+    /// How long a claimed batch job stays claimed without renewal (0: the default).
+    pub job_lease_ms: i64,
 }
 
 /// A request a dry run would have sent.
@@ -77,6 +79,18 @@ pub enum Action {
     Failed,
     /// In the directory but out of the target's scope, and provisioned: to deprovision.
     OutOfScope,
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Created => "created",
+        Action::Updated => "updated",
+        Action::Unchanged => "unchanged",
+        Action::Deleted => "deleted",
+        Action::Skipped => "skipped",
+        Action::Failed => "failed",
+        Action::OutOfScope => "out_of_scope",
+    }
 }
 
 /// What happened to one object.
@@ -249,6 +263,9 @@ impl Engine {
         if opts.batch_size == 0 {
             opts.batch_size = 100;
         }
+        if opts.job_lease_ms <= 0 {
+            opts.job_lease_ms = JOB_LEASE_MS;
+        }
         Engine {
             store,
             client,
@@ -277,6 +294,16 @@ impl Engine {
                 "mapping scripts changed but do not compile; still using the last good version"
             ),
         }
+    }
+
+    /// Objects synced at the same time against this target.
+    pub fn concurrency(&self) -> usize {
+        self.cfg.concurrency
+    }
+
+    /// Whether deprovisioning `deletions` objects now stays within the deletion guard.
+    pub fn deletions_allowed(&self, deletions: u64, provisioned: u64) -> bool {
+        self.opts.allow_deletions || self.cfg.max_deletions.allows(deletions, provisioned)
     }
 
     pub fn capabilities(&self) -> &Effective {
@@ -317,7 +344,7 @@ impl Engine {
         loop {
             if let Some(job) = self
                 .store
-                .claim_job(&holder, JOB_LEASE_MS, Some(run_id))
+                .claim_job(&holder, self.opts.job_lease_ms, Some(run_id))
                 .await?
             {
                 if job.phase != phase {
@@ -366,14 +393,15 @@ impl Engine {
         holder: &str,
         progress: &dyn Progress,
     ) -> Result<(), SyncError> {
+        let lease = self.opts.job_lease_ms;
         let renew = {
             let store = self.store.clone();
             let holder = holder.to_string();
             let id = job.id;
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(Duration::from_millis((JOB_LEASE_MS / 3) as u64)).await;
-                    if !matches!(store.renew_job(id, &holder, JOB_LEASE_MS).await, Ok(true)) {
+                    tokio::time::sleep(Duration::from_millis((lease / 3).max(1) as u64)).await;
+                    if !matches!(store.renew_job(id, &holder, lease).await, Ok(true)) {
                         break;
                     }
                 }
@@ -690,6 +718,15 @@ impl Engine {
         detail: String,
         state: Option<SyncState>,
     ) -> ObjectReport {
+        if !self.opts.dry_run {
+            metrics::counter!(
+                "scimsync_objects_total",
+                "target" => self.cfg.name.clone(),
+                "kind" => kind.as_str(),
+                "action" => action_name(action),
+            )
+            .increment(1);
+        }
         ObjectReport {
             kind,
             id: id.to_string(),

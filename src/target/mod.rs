@@ -592,10 +592,15 @@ impl TargetClient {
                 .body(b.to_string());
         }
         self.stats.count(method);
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| Attempt::Transient(mk(describe_reqwest(&e)), None))?;
+        let started = std::time::Instant::now();
+        let sent = req.send().await;
+        metrics::histogram!(
+            "scimsync_request_duration_seconds",
+            "target" => self.name.clone(),
+            "method" => method.to_string(),
+        )
+        .record(started.elapsed().as_secs_f64());
+        let mut resp = sent.map_err(|e| Attempt::Transient(mk(describe_reqwest(&e)), None))?;
         let status = resp.status();
         let retry_after = resp
             .headers()

@@ -77,6 +77,7 @@ pub struct Env {
     pub sandbox: SandboxHandle,
     pub target: TargetConfig,
     _dir: tempfile::TempDir,
+    pub db_url: String,
     pg_name: Option<String>,
 }
 
@@ -113,6 +114,7 @@ impl Env {
             sandbox,
             target,
             _dir: dir,
+            db_url,
             pg_name,
         })
     }

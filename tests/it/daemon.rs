@@ -1,0 +1,349 @@
+//! `scimsync run`: changes reach the target through the event consumer, bursts are
+//! coalesced, nothing is lost across restarts; on PostgreSQL several daemons share full syncs
+//! without writing an object twice, survive kill -9, fire the schedule once, and stop cleanly.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use scimsync::config::{Config, DatabaseConfig, WorkerConfig};
+use scimsync::directory::{Record, export_group, export_user, sample};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Db, Env, TOKEN, call, calls, postgres_url};
+use crate::on_both_databases;
+
+/// Never fires in a test's lifetime: January 1st at midnight.
+const NEVER: &str = "0 0 0 1 1 *";
+
+fn config(env: &Env, db_url: &str, cron: &str) -> Config {
+    Config {
+        database: DatabaseConfig {
+            url: db_url.to_string(),
+        },
+        worker: WorkerConfig {
+            full_sync_cron: cron.into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            event_poll_interval_ms: 50,
+            job_lease: scimsync::config::Seconds(3),
+            shutdown_timeout: scimsync::config::Seconds(10),
+            ..Default::default()
+        },
+        targets: vec![env.target.clone()],
+    }
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(env: &Env, db_url: &str) -> Running {
+    let cancel = CancellationToken::new();
+    let cfg = config(env, db_url, NEVER);
+    let store = env.store.clone();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move {
+        scimsync::daemon::run(cfg, store, c)
+            .await
+            .expect("daemon runs");
+    });
+    Running { cancel, task }
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops within its shutdown timeout")
+            .expect("no panic");
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn daemon_consumes_changes(db: Db) {
+    let Some(env) = Env::new(db, "daemon_consumes_changes").await else {
+        return;
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\"}\n{\"kind\":\"group\",\"id\":\"g-1\",\"name\":\"Eng\",\"members\":[\"u-1\"]}").await;
+    let url = env.db_url.clone();
+    // First start: the existing directory is the full sync's, not the events'.
+    let d = start(&env, &url);
+    until("the first full sync", || {
+        env.sandbox.users().len() == 2 && env.sandbox.groups().len() == 1
+    })
+    .await;
+    let store = env.store.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.running_run("sandbox").await.expect("query").is_some() {
+        assert!(Instant::now() < deadline, "run did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.sandbox.clear_requests();
+
+    // One new user: one POST.
+    env.import("{\"kind\":\"user\",\"id\":\"u-3\",\"username\":\"carol\"}")
+        .await;
+    until("carol", || env.remote_user("carol").is_some()).await;
+    assert_eq!(calls(&env.sandbox.writes()), vec![call("POST", "/Users")]);
+
+    // A burst of 50 changes to one user in one transaction: one PATCH.
+    env.sandbox.clear_requests();
+    let burst: String = (0..50)
+        .map(|i| format!("{{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice {i}\"}}\n"))
+        .collect();
+    env.import(&burst).await;
+    until("the last name", || {
+        env.remote_user("alice")
+            .is_some_and(|u| u["displayName"] == "Alice 49")
+    })
+    .await;
+    let alice = env.rid("alice");
+    assert_eq!(
+        calls(&env.sandbox.writes()),
+        vec![call("PATCH", &format!("/Users/{alice}"))]
+    );
+
+    // A membership change: one member delta on the group.
+    env.sandbox.clear_requests();
+    env.import(
+        "{\"kind\":\"group\",\"id\":\"g-1\",\"name\":\"Eng\",\"members\":[\"u-1\",\"u-2\"]}",
+    )
+    .await;
+    let eng = env.gid("Eng");
+    until("bob in Eng", || env.sandbox.writes().len() == 1).await;
+    assert_eq!(
+        calls(&env.sandbox.writes()),
+        vec![call("PATCH", &format!("/Groups/{eng}"))]
+    );
+    d.stop().await;
+
+    // Changes made while no daemon runs are not lost, and nothing earlier is sent again.
+    env.sandbox.clear_requests();
+    env.import("{\"kind\":\"user\",\"id\":\"u-4\",\"username\":\"dave\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"deleted\":true}").await;
+    let bob = env.rid("bob");
+    let d = start(&env, &url);
+    until("dave, and bob gone", || {
+        env.remote_user("dave").is_some() && env.remote_user("bob").is_none()
+    })
+    .await;
+    until("Eng updated", || env.sandbox.writes().len() == 3).await;
+    let mut got = calls(&env.sandbox.writes());
+    got.sort();
+    let mut want = vec![
+        call("POST", "/Users"),
+        call("DELETE", &format!("/Users/{bob}")),
+        call("PATCH", &format!("/Groups/{eng}")),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    d.stop().await;
+    assert_eq!(env.store.claimed_jobs().await.expect("jobs"), 0);
+    env.finish().await;
+}
+
+on_both_databases!(daemon_consumes_changes);
+
+// ---- several processes on PostgreSQL: the real binary ----
+
+fn write_config(dir: &Path, db_url: &str, sandbox_url: &str, cron: &str) -> std::path::PathBuf {
+    let mappings = dir.join("mappings");
+    for (kind, (name, body)) in [
+        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
+        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
+    ] {
+        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
+        std::fs::write(mappings.join(kind).join(name), body).expect("write");
+    }
+    let text = format!(
+        "[database]\nurl = \"{db_url}\"\n\n[worker]\nfull_sync_cron = \"{cron}\"\nbatch_size = 100\nlisten = \"127.0.0.1:0\"\nevent_poll_interval_ms = 100\njob_lease = 3\nworkers = 2\nshutdown_timeout = 20\n\n[[target]]\nname = \"sandbox\"\nurl = \"{sandbox_url}\"\nmappings = \"mappings\"\nexclude_service_accounts = false\n[target.auth]\ntoken = \"{TOKEN}\"\n"
+    );
+    let path = dir.join("scimsync.toml");
+    std::fs::write(&path, text).expect("config");
+    path
+}
+
+fn spawn_daemon(config: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_scimsync"))
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env("SCIMSYNC_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn scimsync run")
+}
+
+fn jsonl(records: &[Record]) -> String {
+    records
+        .iter()
+        .map(|r| match r {
+            Record::User(u) => export_user(u).to_string() + "\n",
+            Record::Group(g) => export_group(g).to_string() + "\n",
+            _ => String::new(),
+        })
+        .collect()
+}
+
+async fn runs(store: &scimsync::store::Store) -> Vec<scimsync::store::RunRecord> {
+    store.recent_runs(Some("sandbox"), 100).await.expect("runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_a_full_sync_and_survive_kill_9() {
+    let test = "two_daemons_share_a_full_sync_and_survive_kill_9";
+    if postgres_url(test).is_none() {
+        return;
+    }
+    let Some(env) = Env::new(Db::Postgres, test).await else {
+        return;
+    };
+    env.import(&jsonl(&sample(2000, 20, 10))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &env.db_url, &env.sandbox.url, NEVER);
+
+    // A starts the first full sync; it is killed -9 mid-run; B starts and finishes it.
+    let mut a = spawn_daemon(&cfg);
+    until("A to be mid-run", || env.sandbox.users().len() >= 300).await;
+    a.start_kill().expect("kill -9");
+    a.wait().await.expect("reaped");
+    let at_kill = env.sandbox.users().len();
+    assert!(
+        at_kill < 2000,
+        "A was killed mid-run ({at_kill} users sent)"
+    );
+    println!("killed A -9 after {at_kill} of 2000 users");
+    let mut b = spawn_daemon(&cfg);
+    let mut c = spawn_daemon(&cfg);
+    let store = env.store.clone();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = runs(&store).await;
+        if r.first().is_some_and(|r| r.status != "running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not finish: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = runs(&store).await;
+    assert_eq!(r.len(), 1, "one run, joined by the later daemons: {r:?}");
+    assert_eq!(r[0].status, "succeeded", "{r:?}");
+    assert_eq!(env.sandbox.users().len(), 2000);
+    assert_eq!(env.sandbox.groups().len(), 20);
+    // No object created twice: 2000 user POSTs that succeeded, 20 group POSTs.
+    let writes = env.sandbox.writes();
+    let created_users = writes
+        .iter()
+        .filter(|w| w.method == "POST" && w.path == "/Users" && w.status == 201)
+        .count();
+    assert_eq!(created_users, 2000);
+    let group_posts = writes
+        .iter()
+        .filter(|w| w.method == "POST" && w.path == "/Groups" && w.status == 201)
+        .count();
+    assert_eq!(group_posts, 20);
+    // At most the killed daemon's in-flight objects were sent again (each answered 409, adopted).
+    let conflicts = writes.iter().filter(|w| w.status == 409).count();
+    println!("objects the killed daemon had in flight, re-sent and adopted: {conflicts}");
+    assert!(conflicts <= 100, "{conflicts} conflicts");
+
+    // SIGTERM: both exit 0 and leave no batch claimed.
+    for child in [&mut b, &mut c] {
+        let pid = child.id().expect("pid") as i32;
+        // SAFETY-free: sending a signal through the kill(1) command.
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait");
+        assert_eq!(code.code(), Some(0), "SIGTERM is a clean exit");
+    }
+    assert_eq!(env.store.claimed_jobs().await.expect("jobs"), 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_one_run_without_writing_twice_and_the_cron_fires_once() {
+    let test = "two_daemons_share_one_run";
+    if postgres_url(test).is_none() {
+        return;
+    }
+    let Some(env) = Env::new(Db::Postgres, test).await else {
+        return;
+    };
+    env.import(&jsonl(&sample(2000, 20, 10))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every 3 seconds, in both processes.
+    let cfg = write_config(dir.path(), &env.db_url, &env.sandbox.url, "*/3 * * * * *");
+    let mut a = spawn_daemon(&cfg);
+    let mut b = spawn_daemon(&cfg);
+    let store = env.store.clone();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = runs(&store).await;
+        if env.sandbox.users().len() == 2000
+            && r.len() >= 3
+            && r.iter().all(|r| r.status != "running")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for child in [&mut a, &mut b] {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().expect("pid").to_string())
+            .status();
+        let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits")
+            .expect("wait");
+        assert_eq!(code.code(), Some(0));
+    }
+    let writes = env.sandbox.writes();
+    let user_posts = writes
+        .iter()
+        .filter(|w| w.method == "POST" && w.path == "/Users")
+        .count();
+    assert_eq!(
+        user_posts, 2000,
+        "each user written once, by one of the two daemons"
+    );
+    assert_eq!(
+        writes.iter().filter(|w| w.status >= 400).count(),
+        0,
+        "no conflict: nothing was sent twice"
+    );
+    // The cron fired in both processes every 3 s; each firing made at most one run.
+    let r = runs(&store).await;
+    let mut starts: Vec<i64> = r
+        .iter()
+        .filter(|r| r.trigger == "schedule")
+        .map(|r| r.started_at / 1000)
+        .collect();
+    starts.sort();
+    let before = starts.len();
+    starts.dedup();
+    assert_eq!(starts.len(), before, "two runs in one firing: {r:?}");
+    assert!(
+        r.iter()
+            .filter(|r| r.trigger != "start")
+            .all(|r| r.created == 0 || r.trigger == "schedule")
+    );
+    env.finish().await;
+}
