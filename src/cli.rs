@@ -756,8 +756,12 @@ async fn status(store: &Store, target: Option<&str>) -> Result<ExitCode> {
     } else {
         println!("failing objects:");
         for f in &failing {
+            let next = f
+                .next_attempt_at
+                .map(|t| format!(", next try {} UTC", format_ms(t)))
+                .unwrap_or_default();
             println!(
-                "  {} {} {} (attempts {}, last {}): {}",
+                "  {} {} {} (attempts {}, last {}{next}): {}",
                 f.target,
                 f.kind,
                 f.local_id,

@@ -63,6 +63,22 @@ struct Shared {
 /// Runs until `cancel` fires, then stops claiming, lets in-flight work finish within
 /// `worker.shutdown_timeout` (or hands it back), and returns.
 pub async fn run(cfg: Config, store: Store, cancel: CancellationToken) -> Result<(), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(cfg.worker.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: cfg.worker.listen,
+            source,
+        })?;
+    run_on(cfg, store, cancel, listener).await
+}
+
+/// `run`, serving HTTP on a listener the caller bound.
+pub async fn run_on(
+    cfg: Config,
+    store: Store,
+    cancel: CancellationToken,
+    listener: tokio::net::TcpListener,
+) -> Result<(), DaemonError> {
     let metrics = metrics_handle();
     let holder = format!(
         "{}-{}-{}",
@@ -83,12 +99,6 @@ pub async fn run(cfg: Config, store: Store, cancel: CancellationToken) -> Result
     });
     tracing::info!(holder = %shared.holder, targets = shared.engines.len(), "scimsync daemon starting");
 
-    let listener = tokio::net::TcpListener::bind(shared.cfg.worker.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: shared.cfg.worker.listen,
-            source,
-        })?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(serve_http(shared.clone(), listener, metrics));
     for t in shared.cfg.targets.iter() {

@@ -118,6 +118,8 @@ pub struct TargetClient {
     patch_refused: [std::sync::atomic::AtomicBool; 2],
     put_refused: [std::sync::atomic::AtomicBool; 2],
     schemas: OnceCell<Option<scim::schema::TargetSchemas>>,
+    /// Requests in flight to this target, across every task of the process.
+    in_flight: tokio::sync::Semaphore,
     pub stats: Arc<RequestStats>,
 }
 
@@ -271,6 +273,7 @@ impl TargetClient {
             patch_refused: Default::default(),
             put_refused: Default::default(),
             schemas: OnceCell::new(),
+            in_flight: tokio::sync::Semaphore::new(cfg.concurrency.max(1)),
             stats: Arc::new(RequestStats::default()),
         })
     }
@@ -591,6 +594,8 @@ impl TargetClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
                 .body(b.to_string());
         }
+        // Held for the request only, not for a backoff sleep.
+        let _permit = self.in_flight.acquire().await;
         self.stats.count(method);
         let started = std::time::Instant::now();
         let sent = req.send().await;

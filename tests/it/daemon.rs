@@ -151,6 +151,59 @@ async fn daemon_consumes_changes(db: Db) {
 
 on_both_databases!(daemon_consumes_changes);
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let Some(env) = Env::new(Db::Sqlite, "health_readiness_and_metrics").await else {
+        return;
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\"}")
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    let cfg = config(&env, &env.db_url, NEVER);
+    let (store, c) = (env.store.clone(), cancel.clone());
+    let task = tokio::spawn(async move {
+        scimsync::daemon::run_on(cfg, store, c, listener)
+            .await
+            .expect("daemon");
+    });
+    until("alice", || env.remote_user("alice").is_some()).await;
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = reqwest::get(url).await.expect("GET");
+            (r.status().as_u16(), r.text().await.expect("body"))
+        }
+    };
+    assert_eq!(get("/healthz").await, (200, "ok\n".to_string()));
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, 200);
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(ready["database"], "ok");
+    assert!(
+        ready["targets"]["sandbox"]["event_backlog"].is_i64(),
+        "{ready}"
+    );
+    let (_, metrics) = get("/metrics").await;
+    for needle in [
+        "scimsync_objects_total{target=\"sandbox\",kind=\"user\",action=\"created\"}",
+        "scimsync_request_duration_seconds",
+        "scimsync_event_backlog{target=\"sandbox\"}",
+        "scimsync_runs_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from:\n{metrics}"
+        );
+    }
+    cancel.cancel();
+    task.await.expect("stops");
+    env.finish().await;
+}
+
 // ---- several processes on PostgreSQL: the real binary ----
 
 fn write_config(dir: &Path, db_url: &str, sandbox_url: &str, cron: &str) -> std::path::PathBuf {
