@@ -171,6 +171,17 @@ async fn health_readiness_and_metrics() {
             .expect("daemon");
     });
     until("alice", || env.remote_user("alice").is_some()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .store
+        .running_run("sandbox")
+        .await
+        .expect("query")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "run did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let get = |path: &str| {
         let url = format!("{base}{path}");
         async move {
