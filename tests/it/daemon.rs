@@ -258,6 +258,22 @@ fn jsonl(records: &[Record]) -> String {
         .collect()
 }
 
+/// SIGTERM through kill(1), then the exit status must be 0 within the shutdown timeout.
+async fn sigterm(child: &mut tokio::process::Child) {
+    let pid = child.id().expect("running");
+    let sent = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits within the shutdown timeout")
+        .expect("wait");
+    assert_eq!(code.code(), Some(0), "SIGTERM is a clean exit");
+}
+
 async fn runs(store: &scimsync::store::Store) -> Vec<scimsync::store::RunRecord> {
     store.recent_runs(Some("sandbox"), 100).await.expect("runs")
 }
@@ -288,6 +304,12 @@ async fn two_daemons_share_a_full_sync_and_survive_kill_9() {
     println!("killed A -9 after {at_kill} of 2000 users");
     let mut b = spawn_daemon(&cfg);
     let mut c = spawn_daemon(&cfg);
+    // B is stopped with SIGTERM while it works: exit 0, its batch finished or handed back.
+    until("B and C to make progress", || {
+        env.sandbox.users().len() >= at_kill + 200
+    })
+    .await;
+    sigterm(&mut b).await;
     let store = env.store.clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -320,22 +342,8 @@ async fn two_daemons_share_a_full_sync_and_survive_kill_9() {
     println!("objects the killed daemon had in flight, re-sent and adopted: {conflicts}");
     assert!(conflicts <= 100, "{conflicts} conflicts");
 
-    // SIGTERM: both exit 0 and leave no batch claimed.
-    for child in [&mut b, &mut c] {
-        let pid = child.id().expect("pid") as i32;
-        // SAFETY-free: sending a signal through the kill(1) command.
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("exits in time")
-            .expect("wait");
-        assert_eq!(code.code(), Some(0), "SIGTERM is a clean exit");
-    }
+    // SIGTERM: C exits 0 too, and no batch is left claimed.
+    sigterm(&mut c).await;
     assert_eq!(env.store.claimed_jobs().await.expect("jobs"), 0);
     env.finish().await;
 }
@@ -368,17 +376,8 @@ async fn two_daemons_share_one_run_without_writing_twice_and_the_cron_fires_once
         assert!(Instant::now() < deadline, "runs: {r:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    for child in [&mut a, &mut b] {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().expect("pid").to_string())
-            .status();
-        let code = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("exits")
-            .expect("wait");
-        assert_eq!(code.code(), Some(0));
-    }
+    sigterm(&mut a).await;
+    sigterm(&mut b).await;
     let writes = env.sandbox.writes();
     let user_posts = writes
         .iter()
