@@ -231,6 +231,19 @@ impl StateCols {
     }
 }
 
+fn orphans_from(rows: Vec<OrphanRow>) -> Result<Vec<Orphan>, StoreError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let Some(state) = r.state.into_state(&r.local_id)? {
+            out.push(Orphan {
+                local_id: r.local_id,
+                state,
+            });
+        }
+    }
+    Ok(out)
+}
+
 impl UserRow {
     fn split(self) -> Result<(User, Option<SyncState>), StoreError> {
         let state = self.state.into_state(&self.id)?;
@@ -689,16 +702,7 @@ impl Store {
             .bind(target)
             .fetch_all(p)
             .await)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            if let Some(state) = r.state.into_state(&r.local_id)? {
-                out.push(Orphan {
-                    local_id: r.local_id,
-                    state,
-                });
-            }
-        }
-        Ok(out)
+        orphans_from(rows)
     }
 
     pub async fn state(
@@ -809,16 +813,7 @@ impl Store {
             .bind(kind.as_str())
             .fetch_all(p)
             .await)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            if let Some(state) = r.state.into_state(&r.local_id)? {
-                out.push(Orphan {
-                    local_id: r.local_id,
-                    state,
-                });
-            }
-        }
-        Ok(out)
+        orphans_from(rows)
     }
 
     /// Failed objects on `target` whose next attempt is due.

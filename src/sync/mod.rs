@@ -550,14 +550,7 @@ impl Engine {
                 .buffer_unordered(self.cfg.concurrency)
                 .collect()
                 .await;
-            for mut r in reports {
-                if r.action == Action::OutOfScope
-                    && let Some(s) = r.state.take()
-                {
-                    self.leave(leaving, Kind::User, &r.id, s).await?;
-                }
-                summary.add(r);
-            }
+            self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
         }
         Ok(())
@@ -606,15 +599,27 @@ impl Engine {
                 .buffer_unordered(self.cfg.concurrency)
                 .collect()
                 .await;
-            for mut r in reports {
-                if r.action == Action::OutOfScope
-                    && let Some(s) = r.state.take()
-                {
-                    self.leave(leaving, Kind::Group, &r.id, s).await?;
-                }
-                summary.add(r);
-            }
+            self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Adds a batch's reports to the summary; what is leaving the target is kept for the
+    /// deprovisioning.
+    async fn absorb(
+        &self,
+        reports: Vec<ObjectReport>,
+        summary: &mut RunSummary,
+        leaving: &mut Leaving,
+    ) -> Result<(), SyncError> {
+        for mut r in reports {
+            if r.action == Action::OutOfScope
+                && let Some(s) = r.state.take()
+            {
+                self.leave(leaving, r.kind, &r.id, s).await?;
+            }
+            summary.add(r);
         }
         Ok(())
     }
