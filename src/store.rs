@@ -1367,3 +1367,19 @@ pub struct Job {
     pub after_id: String,
     pub until_id: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_with_bounded_jitter() {
+        let d: Vec<i64> = (0..10).map(|a| retry_delay_ms(a, "u-1")).collect();
+        for (a, ms) in d.iter().enumerate() {
+            let base = (30_000i64 << a.min(7)).min(3_600_000);
+            assert!(*ms >= base && *ms <= base + base / 10, "attempt {a}: {ms}");
+        }
+        assert!(d[9] <= 3_960_000, "capped near an hour: {}", d[9]);
+        assert_ne!(retry_delay_ms(0, "u-1"), retry_delay_ms(0, "u-2"), "jitter spreads objects");
+    }
+}
