@@ -473,9 +473,19 @@ pub struct TargetConfig {
     /// Seconds before one HTTP request to this target is abandoned.
     #[serde(default = "default_timeout")]
     pub timeout_seconds: u64,
-    /// Objects of one batch synced at the same time against this target.
+    /// Objects of one batch synced at the same time against this target; also the bound on
+    /// requests in flight to it from one process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Requests a second to this target (shared by every task of the process); unset:
+    /// unlimited until the target answers 429, then adapted.
+    pub max_requests_per_second: Option<f64>,
+    /// Requests that may go at once after a quiet spell.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// How long the circuit breaker holds requests back before probing a failing target.
+    #[serde(default = "default_cooldown")]
+    pub breaker_cooldown: Seconds,
     #[serde(default)]
     pub auth: AuthConfig,
 }
@@ -485,6 +495,12 @@ fn default_mappings() -> PathBuf {
 }
 fn default_true() -> bool {
     true
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_cooldown() -> Seconds {
+    Seconds(30)
 }
 fn default_spc_ttl() -> Seconds {
     Seconds(3600)
@@ -516,6 +532,9 @@ impl TargetConfig {
             capabilities: CapabilityOverrides::default(),
             timeout_seconds: default_timeout(),
             concurrency: default_concurrency(),
+            max_requests_per_second: None,
+            burst: default_burst(),
+            breaker_cooldown: default_cooldown(),
             auth: AuthConfig {
                 token,
                 ..Default::default()
@@ -673,6 +692,14 @@ impl Config {
             }
             if t.timeout_seconds == 0 {
                 return Err((key("timeout_seconds"), "must be at least 1".into()));
+            }
+            if t.max_requests_per_second
+                .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+            {
+                return Err((
+                    key("max_requests_per_second"),
+                    "must be a positive number".into(),
+                ));
             }
             if t.concurrency == 0 || t.concurrency > 256 {
                 return Err((key("concurrency"), "must be between 1 and 256".into()));

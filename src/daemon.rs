@@ -434,9 +434,10 @@ async fn readyz(s: &Shared) -> (axum::http::StatusCode, axum::Json<serde_json::V
             .await
             .map(|f| f.len() as i64)
             .unwrap_or(-1);
+        let healthy = s.engines.get(name).is_some_and(|e| !e.target_unhealthy());
         targets.insert(
             name.clone(),
-            json!({"event_backlog": backlog, "failing_objects": failing}),
+            json!({"healthy": healthy, "event_backlog": backlog, "failing_objects": failing}),
         );
     }
     let ok = db.is_ok();

@@ -751,6 +751,33 @@ impl Store {
         Ok(())
     }
 
+    /// Records a create about to be sent (no remote id yet): if the process dies before the
+    /// answer is recorded, the next attempt looks for this resource before creating again.
+    pub async fn save_attempt(
+        &self,
+        target: &str,
+        kind: Kind,
+        local_id: &str,
+        resource: &Value,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "INSERT INTO sync_state (target, kind, local_id, last_resource, status, attempts, \
+             updated_at) VALUES ($1, $2, $3, $4, 'creating', 0, $5) \
+             ON CONFLICT (target, kind, local_id) DO UPDATE SET \
+             last_resource = excluded.last_resource, updated_at = excluded.updated_at \
+             WHERE sync_state.remote_id IS NULL"
+        )
+        .bind(target)
+        .bind(kind.as_str())
+        .bind(local_id)
+        .bind(resource.to_string())
+        .bind(now_ms())
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
     /// Records a failure, keeping whatever is known of the remote object, and schedules the
     /// next attempt with exponential backoff (30 s doubling, at most an hour, with jitter).
     pub async fn save_failed(
@@ -1380,6 +1407,10 @@ mod tests {
             assert!(*ms >= base && *ms <= base + base / 10, "attempt {a}: {ms}");
         }
         assert!(d[9] <= 3_960_000, "capped near an hour: {}", d[9]);
-        assert_ne!(retry_delay_ms(0, "u-1"), retry_delay_ms(0, "u-2"), "jitter spreads objects");
+        assert_ne!(
+            retry_delay_ms(0, "u-1"),
+            retry_delay_ms(0, "u-2"),
+            "jitter spreads objects"
+        );
     }
 }

@@ -41,6 +41,21 @@ pub struct SandboxOptions {
     /// Clients of the OAuth token endpoint; with any, resources need a valid token.
     pub oauth_clients: Vec<OAuthClient>,
     pub token_lifetime: Duration,
+    pub faults: Faults,
+}
+
+/// Faults injected into resource requests (discovery and tokens are spared), counted so tests
+/// are repeatable: "every Nth request" rather than chance.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Every Nth request answers 503 without doing anything (0: never).
+    pub error_every: u64,
+    /// Every Nth request answers 429 with Retry-After: 1 without doing anything.
+    pub throttle_every: u64,
+    /// Every Nth request is carried out, then its answer is cut off mid-body.
+    pub drop_every: u64,
+    /// Added to every answer.
+    pub latency: Duration,
 }
 
 impl Default for SandboxOptions {
@@ -51,6 +66,7 @@ impl Default for SandboxOptions {
             profile: SandboxProfile::Default,
             oauth_clients: Vec::new(),
             token_lifetime: Duration::from_secs(3600),
+            faults: Faults::default(),
         }
     }
 }
@@ -89,6 +105,14 @@ struct Store {
     tokens: oauth::Tokens,
     /// When recent writes arrived, for the profile's write rate.
     writes: VecDeque<Instant>,
+    /// Resource requests so far, for the counted faults.
+    seen: u64,
+    /// Answering 503 to everything (a target that is down).
+    down: bool,
+    /// After a 429 for a request: when the same request may come again.
+    not_before: HashMap<String, Instant>,
+    /// Requests that came again before their Retry-After had passed.
+    early_retries: u64,
 }
 
 #[derive(Clone)]
@@ -260,6 +284,14 @@ impl SandboxHandle {
             None => false,
         }
     }
+    /// Takes the service provider down (every resource request answers 503) or back up.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.shared.store).down = down;
+    }
+    /// Requests repeated before the Retry-After of a 429 they got had passed.
+    pub fn early_retries(&self) -> u64 {
+        lock(&self.shared.store).early_retries
+    }
     /// Invalidates every issued OAuth token, as a server restart or a revocation would.
     pub fn revoke_tokens(&self) {
         lock(&self.shared.store).tokens.revoke_all();
@@ -347,25 +379,73 @@ async fn handle(
     } else {
         Some(serde_json::from_slice(&body).map_err(|e| e.to_string()))
     };
-    let result = route(
-        &sh,
+    let discovery = rel.trim_matches('/').split('/').count() == 1
+        && !matches!(rel.trim_matches('/'), "Users" | "Groups");
+    let key = request_key(
         &method,
-        uri.path(),
-        &rel,
-        &query,
-        &headers,
-        parsed_body.clone(),
+        &shown,
+        parsed_body.as_ref().and_then(|b| b.as_ref().ok()),
     );
+    let fault = if discovery {
+        Fault::None
+    } else {
+        next_fault(&sh, &key)
+    };
+    if !sh.opts.faults.latency.is_zero() {
+        tokio::time::sleep(sh.opts.faults.latency).await;
+    }
+    let result = match fault {
+        Fault::Unavailable => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "unavailable (injected)".to_string(),
+        )),
+        Fault::Throttle => Err((
+            StatusCode::TOO_MANY_REQUESTS,
+            None,
+            "slow down (injected)".to_string(),
+        )),
+        Fault::None | Fault::Drop => route(
+            &sh,
+            &method,
+            uri.path(),
+            &rel,
+            &query,
+            &headers,
+            parsed_body.clone(),
+        ),
+    };
     let (status, out) = match result {
         Ok((s, v)) => (s, v),
         Err((s, t, d)) => (s, Some(error_body(s, t, &d))),
     };
-    lock(&sh.store).requests.push(RecordedRequest {
-        method: method.to_string(),
-        path: shown,
-        body: parsed_body.and_then(Result::ok),
-        status: status.as_u16(),
-    });
+    {
+        let mut st = lock(&sh.store);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            // The answer says Retry-After: 1; the same request must not come sooner.
+            st.not_before
+                .insert(key, Instant::now() + Duration::from_secs(1));
+        }
+        st.requests.push(RecordedRequest {
+            method: method.to_string(),
+            path: shown,
+            body: parsed_body.and_then(Result::ok),
+            status: status.as_u16(),
+        });
+    }
+    if fault == Fault::Drop {
+        // Done, but the answer is lost: the body breaks off and the connection with it.
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from_static(b"{\"schemas\": [")),
+            Err(std::io::Error::other("connection dropped (injected)")),
+        ];
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/scim+json")],
+            axum::body::Body::from_stream(futures::stream::iter(chunks)),
+        )
+            .into_response();
+    }
     let mut resp = scim_response(status, out);
     if status == StatusCode::TOO_MANY_REQUESTS {
         resp.headers_mut().insert(
@@ -374,6 +454,47 @@ async fn handle(
         );
     }
     resp
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    None,
+    Unavailable,
+    Throttle,
+    Drop,
+}
+
+/// Identifies "the same request again": method, path with query, and the object a body names.
+fn request_key(method: &Method, rel: &str, body: Option<&Value>) -> String {
+    let name = body
+        .and_then(|b| b.get("userName").or_else(|| b.get("displayName")))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    format!("{method} {rel} {name}")
+}
+
+fn next_fault(sh: &Shared, key: &str) -> Fault {
+    let f = &sh.opts.faults;
+    let now = Instant::now();
+    let mut st = lock(&sh.store);
+    if st.not_before.get(key).is_some_and(|t| now < *t) {
+        st.early_retries += 1;
+    }
+    if st.down {
+        return Fault::Unavailable;
+    }
+    st.seen += 1;
+    let n = st.seen;
+    let hit = |every: u64| every > 0 && n.is_multiple_of(every);
+    if hit(f.error_every) {
+        Fault::Unavailable
+    } else if hit(f.throttle_every) {
+        Fault::Throttle
+    } else if hit(f.drop_every) {
+        Fault::Drop
+    } else {
+        Fault::None
+    }
 }
 
 /// Whether the request may reach resources: a static token, or an unexpired issued one

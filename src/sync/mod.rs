@@ -296,6 +296,11 @@ impl Engine {
         }
     }
 
+    /// Whether the target's circuit breaker holds requests back.
+    pub fn target_unhealthy(&self) -> bool {
+        self.client.unhealthy()
+    }
+
     /// Objects synced at the same time against this target.
     pub fn concurrency(&self) -> usize {
         self.cfg.concurrency
@@ -899,8 +904,18 @@ impl Engine {
         let hash = hash_json(&desired);
         let result = match state.as_ref().and_then(|s| s.remote_id.clone()) {
             None => {
-                self.create(kind, id, &desired, &hash, members.as_deref(), &mut w)
-                    .await
+                // An earlier attempt may have created it and died before recording the id.
+                let attempted = state.as_ref().and_then(|s| s.last_resource.as_ref());
+                self.create(
+                    kind,
+                    id,
+                    &desired,
+                    &hash,
+                    members.as_deref(),
+                    attempted,
+                    &mut w,
+                )
+                .await
             }
             Some(rid) => {
                 let s = state.as_ref().cloned().unwrap_or_default();
@@ -961,6 +976,7 @@ impl Engine {
     }
 
     /// POST, adopting the existing remote object on 409 (or, for groups, when a lookup finds it).
+    #[allow(clippy::too_many_arguments)]
     async fn create(
         &self,
         kind: Kind,
@@ -968,6 +984,7 @@ impl Engine {
         desired: &Value,
         hash: &str,
         members: Option<&[String]>,
+        attempted: Option<&Value>,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
         if self.opts.dry_run {
@@ -975,6 +992,21 @@ impl Engine {
             self.plan(w, "POST", format!("/{}", endpoint(kind)), Some(body));
             return Ok((Action::Created, "would create".into()));
         }
+        // A create that was attempted before but never confirmed (a crash, a lost answer) may
+        // have happened, under what it was then: look for that first.
+        if let Some(before) = attempted {
+            w.step(|| "an earlier create was not confirmed: looking for it".into());
+            if let Some(remote) = self.lookup(kind, before, w).await? {
+                return self
+                    .adopt(kind, id, remote, desired, hash, members, w)
+                    .await;
+            }
+        }
+        // Write-ahead: record what is about to be created, so a crash after the POST is found.
+        self.store
+            .save_attempt(self.target(), kind, id, desired)
+            .await
+            .map_err(|e| e.to_string())?;
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
         if kind == Kind::Group
             && self.eff.filter

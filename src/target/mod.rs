@@ -18,6 +18,7 @@ use crate::directory::Kind;
 use crate::scim::{self, Capabilities, PatchOperation};
 
 pub mod auth;
+pub mod guard;
 pub mod profile;
 
 pub use profile::{Profile, UserRemoval};
@@ -51,6 +52,10 @@ pub enum TargetError {
     },
     #[error("{target}: authentication: {message}")]
     Auth { target: String, message: String },
+    #[error(
+        "{target}: not sent: the target is unhealthy (most recent requests failed); next probe in {retry_in_secs} s"
+    )]
+    Unavailable { target: String, retry_in_secs: u64 },
     #[error("{target}: {method} {path}: invalid response: {message}")]
     Invalid {
         target: String,
@@ -69,10 +74,20 @@ impl TargetError {
     }
 }
 
+/// Statuses worth retrying: the request may succeed as it is, later.
 fn is_transient(status: StatusCode) -> bool {
-    status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED
+    matches!(status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+}
+
+/// Retry-After as seconds or as an HTTP date (RFC 9110 §10.2.3).
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = jiff::fmt::rfc2822::parse(v).ok()?.timestamp();
+    let ms = when.as_millisecond() - jiff::Timestamp::now().as_millisecond();
+    Some(Duration::from_millis(ms.max(0) as u64))
 }
 
 /// Requests sent, by method (retries included).
@@ -120,6 +135,8 @@ pub struct TargetClient {
     schemas: OnceCell<Option<scim::schema::TargetSchemas>>,
     /// Requests in flight to this target, across every task of the process.
     in_flight: tokio::sync::Semaphore,
+    rate: guard::RateLimiter,
+    breaker: guard::Breaker,
     pub stats: Arc<RequestStats>,
 }
 
@@ -274,8 +291,35 @@ impl TargetClient {
             put_refused: Default::default(),
             schemas: OnceCell::new(),
             in_flight: tokio::sync::Semaphore::new(cfg.concurrency.max(1)),
+            rate: guard::RateLimiter::new(cfg.max_requests_per_second, cfg.burst),
+            breaker: guard::Breaker::new(Duration::from_secs(cfg.breaker_cooldown.0.max(1))),
             stats: Arc::new(RequestStats::default()),
         })
+    }
+
+    /// Whether the circuit breaker holds requests back (the target looks down).
+    pub fn unhealthy(&self) -> bool {
+        self.breaker.is_open()
+    }
+
+    /// The current adapted request rate (None: unlimited).
+    pub fn current_rate(&self) -> Option<f64> {
+        self.rate.current_rate()
+    }
+
+    /// Feeds one outcome to the breaker and reports transitions.
+    fn observe(&self, failed: bool) {
+        match self.breaker.record(failed) {
+            Some(true) => {
+                tracing::warn!(target = %self.name, "target unhealthy: most recent requests failed; holding requests back and probing");
+                metrics::gauge!("scimsync_target_up", "target" => self.name.clone()).set(0.0);
+            }
+            Some(false) => {
+                tracing::info!(target = %self.name, "target healthy again");
+                metrics::gauge!("scimsync_target_up", "target" => self.name.clone()).set(1.0);
+            }
+            None => {}
+        }
     }
 
     /// Uses capabilities known from elsewhere (the shared cache) instead of asking the target.
@@ -537,7 +581,37 @@ impl TargetClient {
                     });
                 }
             };
+            let mut waited = 0;
+            let refused = loop {
+                match self.breaker.allow() {
+                    Ok(()) => break None,
+                    // While one probe is out, the others wait for its answer a little.
+                    Err(open) if open.probing && waited < 100 => {
+                        waited += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(open) => break Some(open),
+                }
+            };
+            if let Some(open) = refused {
+                return Err(TargetError::Unavailable {
+                    target: self.name.clone(),
+                    retry_in_secs: open.retry_in.as_secs().max(1),
+                });
+            }
+            self.rate.acquire().await;
             let res = self.attempt(&method, &url, &path, query, body, &cred).await;
+            match &res {
+                Ok(_) => {
+                    self.rate.succeeded();
+                    self.observe(false);
+                }
+                Err(Attempt::Transient(e, ra)) if e.status() == Some(429) => {
+                    self.rate.throttled(*ra);
+                }
+                Err(Attempt::Transient(_, _)) => self.observe(true),
+                Err(Attempt::Final(e)) => self.observe(matches!(e.status(), Some(401 | 403))),
+            }
             let (err, retry_after) = match res {
                 Ok(a) => return Ok(a),
                 // A refused OAuth token may just have expired early: fetch one more, once.
@@ -611,8 +685,7 @@ impl TargetClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(retry_after);
         let mut bytes = Vec::new();
         loop {
             match resp.chunk().await {
@@ -697,4 +770,32 @@ fn snippet(bytes: &[u8]) -> String {
         s.push('…');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(retry_after(" 7 "), Some(Duration::from_secs(7)));
+        let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(120);
+        let date = jiff::fmt::rfc2822::DateTimePrinter::new()
+            .timestamp_to_rfc9110_string(&later)
+            .expect("format");
+        let d = retry_after(&date).expect("an HTTP date");
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        assert_eq!(
+            retry_after("Mon, 01 Jan 2001 00:00:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon"), None);
+        assert!(
+            is_transient(StatusCode::BAD_GATEWAY) && !is_transient(StatusCode::NOT_IMPLEMENTED)
+        );
+        assert!(!is_transient(StatusCode::HTTP_VERSION_NOT_SUPPORTED));
+    }
 }

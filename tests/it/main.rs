@@ -8,6 +8,7 @@ mod harness;
 mod import;
 mod interop;
 mod mapping;
+mod resilience;
 mod sandbox;
 mod scenarios;
 mod targets;

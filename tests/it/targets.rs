@@ -511,6 +511,7 @@ async fn slack_profile() {
     // Writes past 20 a second were answered 429 and retried after Retry-After.
     let limited = writes.iter().filter(|w| w.status == 429).count();
     assert!(limited > 0, "the rate limit was reached");
+    assert_eq!(env.sandbox.early_retries(), 0, "Retry-After was honoured");
     assert_eq!(
         writes.iter().filter(|w| w.status < 300).count(),
         40,
