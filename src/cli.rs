@@ -310,7 +310,10 @@ async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<Exi
             mapping_test(store, cfg, &target, object).await
         }
         Command::Check { target } => check(&select_targets(cfg, target.as_deref())?).await,
-        Command::Status { target } => status(store, target.as_deref()).await,
+        Command::Status { target } => {
+            let targets = select_targets(cfg, target.as_deref())?;
+            status(store, &targets, target.as_deref()).await
+        }
         Command::Migrate => {
             println!("database is migrated ({})", store.backend_name());
             Ok(ExitCode::SUCCESS)
@@ -709,7 +712,41 @@ async fn check(targets: &[TargetConfig]) -> Result<ExitCode> {
     })
 }
 
-async fn status(store: &Store, target: Option<&str>) -> Result<ExitCode> {
+async fn status(store: &Store, targets: &[TargetConfig], target: Option<&str>) -> Result<ExitCode> {
+    println!("targets:");
+    for t in targets {
+        let fp = t.fingerprint();
+        let health = match store
+            .cache_get(&t.name, "health", &fp, i64::MAX / 2)
+            .await?
+        {
+            Some(h) => {
+                let since = h
+                    .get("since")
+                    .and_then(Value::as_i64)
+                    .map(format_ms)
+                    .unwrap_or_default();
+                if h.get("healthy").and_then(Value::as_bool).unwrap_or(true) {
+                    format!("healthy since {since} UTC")
+                } else {
+                    format!("UNHEALTHY since {since} UTC (most recent requests failed; probing)")
+                }
+            }
+            None => "health not known yet".into(),
+        };
+        let spc = match store.cache_age(&t.name, "spc").await? {
+            Some(at) => format!(
+                "ServiceProviderConfig read {} s ago",
+                (crate::store::now_ms() - at).max(0) / 1000
+            ),
+            None => "ServiceProviderConfig not read yet".into(),
+        };
+        let (backlog, _) = store.backlog(&t.name).await?;
+        println!(
+            "  {}: {health}; {spc}; {backlog} change event(s) not consumed",
+            t.name
+        );
+    }
     let runs = store.recent_runs(target, 10).await?;
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![

@@ -350,6 +350,7 @@ async fn consume_round(
             break;
         }
     }
+    engine.record_health().await;
     // Failed objects whose retry is due.
     for (kind, id) in store.due_retries(target, 100).await? {
         engine.sync_one(kind, &id).await?;

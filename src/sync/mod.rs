@@ -215,6 +215,8 @@ pub struct Engine {
     target_schemas: Option<scim::schema::TargetSchemas>,
     /// Schema-check warnings already logged, so each is logged once per run.
     warned: std::sync::Mutex<HashSet<String>>,
+    /// The health last recorded (0 none, 1 healthy, 2 unhealthy).
+    health_recorded: std::sync::atomic::AtomicU8,
 }
 
 /// Per-object scratch: the trace and the requests a dry run would send.
@@ -277,6 +279,7 @@ impl Engine {
             info,
             target_schemas,
             warned: std::sync::Mutex::new(HashSet::new()),
+            health_recorded: std::sync::atomic::AtomicU8::new(0),
         }
     }
 
@@ -299,6 +302,27 @@ impl Engine {
     /// Whether the target's circuit breaker holds requests back.
     pub fn target_unhealthy(&self) -> bool {
         self.client.unhealthy()
+    }
+
+    /// Stores the target's health for `status` and other processes when it changed.
+    pub async fn record_health(&self) {
+        let healthy = !self.client.unhealthy();
+        let code = if healthy { 1 } else { 2 };
+        if self
+            .health_recorded
+            .swap(code, std::sync::atomic::Ordering::Relaxed)
+            == code
+        {
+            return;
+        }
+        let v = serde_json::json!({"healthy": healthy, "since": crate::store::now_ms()});
+        if let Err(e) = self
+            .store
+            .cache_put(self.target(), "health", &self.cfg.fingerprint(), &v)
+            .await
+        {
+            tracing::warn!(target = %self.cfg.name, error = %e, "cannot record target health");
+        }
     }
 
     /// Objects synced at the same time against this target.
@@ -372,6 +396,7 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         progress.done();
+        self.record_health().await;
         self.run_summary(run_id).await
     }
 

@@ -187,6 +187,12 @@ async fn commands_work_end_to_end() {
         "{}",
         text(&out.stdout)
     );
+    assert!(
+        text(&out.stdout).contains("sandbox: healthy since")
+            && text(&out.stdout).contains("ServiceProviderConfig read"),
+        "{}",
+        text(&out.stdout)
+    );
 
     let out = scimsync(&cfg, &["directory", "export"], None).await;
     assert!(out.status.success());

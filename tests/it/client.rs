@@ -232,3 +232,18 @@ async fn basic_auth_sends_the_credentials() {
         "Debug never shows the password"
     );
 }
+
+#[tokio::test]
+async fn huge_bodies_are_refused_not_buffered() {
+    let huge = format!(
+        "{{\"id\":\"x\",\"pad\":\"{}\"}}",
+        "x".repeat(17 * 1024 * 1024)
+    );
+    let s = scripted(vec![(200, vec![], huge)]).await;
+    let err = client(&s.url)
+        .get(Kind::User, "x")
+        .await
+        .expect_err("too big");
+    assert!(err.to_string().contains("exceeds"), "{err}");
+    assert_eq!(s.arrivals.lock().expect("lock").len(), 1, "not retried");
+}

@@ -110,6 +110,17 @@ async fn a_dead_target_trips_the_breaker_and_recovers(db: Db) {
         .expect("runs");
     assert_eq!(s.failed, 40);
     assert!(engine.target_unhealthy(), "the breaker is open");
+    let fp = env.target.fingerprint();
+    let health = env
+        .store
+        .cache_get("sandbox", "health", &fp, i64::MAX / 2)
+        .await
+        .expect("query");
+    assert_eq!(
+        health.and_then(|h| h["healthy"].as_bool()),
+        Some(false),
+        "recorded for status and readyz"
+    );
     let held: usize = s
         .failures
         .iter()
@@ -138,9 +149,50 @@ async fn a_dead_target_trips_the_breaker_and_recovers(db: Db) {
     env.finish().await;
 }
 
+async fn a_failed_delete_is_kept_and_retried(db: Db) {
+    let Some(env) = Env::new(db, "failed_delete_retried").await else {
+        return;
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\"}").await;
+    assert!(env.sync().await.is_clean());
+    let bob = env.rid("bob");
+    env.import("{\"kind\":\"user\",\"id\":\"u-2\",\"deleted\":true}")
+        .await;
+    env.sandbox.set_down(true);
+    let s = env.sync().await;
+    assert_eq!((s.failed, s.deleted), (1, 0), "{s:?}");
+    let kept = env
+        .store
+        .state("sandbox", scimsync::directory::Kind::User, "u-2")
+        .await
+        .expect("query");
+    assert_eq!(
+        kept.and_then(|k| k.remote_id),
+        Some(bob.clone()),
+        "the record stays until the target confirms"
+    );
+    env.sandbox.set_down(false);
+    env.sandbox.clear_requests();
+    let s = env.sync().await;
+    assert_eq!(s.deleted, 1, "{s:?}");
+    assert_eq!(
+        crate::harness::calls(&env.sandbox.writes()),
+        vec![crate::harness::call("DELETE", &format!("/Users/{bob}"))]
+    );
+    assert!(
+        env.store
+            .state("sandbox", scimsync::directory::Kind::User, "u-2")
+            .await
+            .expect("query")
+            .is_none()
+    );
+    env.finish().await;
+}
+
 on_both_databases!(
     faults_converge_with_bounded_requests,
-    a_dead_target_trips_the_breaker_and_recovers
+    a_dead_target_trips_the_breaker_and_recovers,
+    a_failed_delete_is_kept_and_retried
 );
 
 fn write_config(dir: &std::path::Path, db_url: &str, sandbox_url: &str) -> std::path::PathBuf {
