@@ -77,6 +77,8 @@ enum Command {
     Status {
         #[arg(long)]
         target: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
     /// Apply database migrations (every command applies them too).
     Migrate,
@@ -310,9 +312,9 @@ async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<Exi
             mapping_test(store, cfg, &target, object).await
         }
         Command::Check { target } => check(&select_targets(cfg, target.as_deref())?).await,
-        Command::Status { target } => {
+        Command::Status { target, format } => {
             let targets = select_targets(cfg, target.as_deref())?;
-            status(store, &targets, target.as_deref()).await
+            status(store, &targets, target.as_deref(), format).await
         }
         Command::Migrate => {
             println!("database is migrated ({})", store.backend_name());
@@ -466,15 +468,31 @@ async fn plan(
     } else {
         for s in &summaries {
             println!("target {}: {} request(s)", s.target, s.planned.len());
-            for p in &s.planned {
-                let p = redacted(p);
-                let marker = if p["method"] == "DELETE" { "!" } else { " " };
-                let body = p.get("body").map(Value::to_string).unwrap_or_default();
-                println!(
-                    "{marker} {} {} {body}",
-                    p["method"].as_str().unwrap_or(""),
-                    p["path"].as_str().unwrap_or("")
-                );
+            let groups = [
+                ("create", "POST", " "),
+                ("update", "PATCH", " "),
+                ("replace", "PUT", " "),
+                ("DELETE", "DELETE", "!"),
+            ];
+            for (label, method, marker) in groups {
+                let of: Vec<Value> = s
+                    .planned
+                    .iter()
+                    .filter(|p| p.method == method)
+                    .map(redacted)
+                    .collect();
+                if of.is_empty() {
+                    continue;
+                }
+                println!("  {label} ({}):", of.len());
+                for p in of {
+                    let body = p.get("body").map(Value::to_string).unwrap_or_default();
+                    println!(
+                        "{marker}   {} {} {body}",
+                        p["method"].as_str().unwrap_or(""),
+                        p["path"].as_str().unwrap_or("")
+                    );
+                }
             }
         }
         print_summaries(&summaries, true);
@@ -712,42 +730,62 @@ async fn check(targets: &[TargetConfig]) -> Result<ExitCode> {
     })
 }
 
-async fn status(store: &Store, targets: &[TargetConfig], target: Option<&str>) -> Result<ExitCode> {
-    println!("targets:");
+async fn status(
+    store: &Store,
+    targets: &[TargetConfig],
+    target: Option<&str>,
+    format: Format,
+) -> Result<ExitCode> {
+    let mut health = Vec::new();
     for t in targets {
         let fp = t.fingerprint();
-        let health = match store
+        let h = store
             .cache_get(&t.name, "health", &fp, i64::MAX / 2)
-            .await?
-        {
-            Some(h) => {
-                let since = h
-                    .get("since")
-                    .and_then(Value::as_i64)
-                    .map(format_ms)
-                    .unwrap_or_default();
-                if h.get("healthy").and_then(Value::as_bool).unwrap_or(true) {
-                    format!("healthy since {since} UTC")
-                } else {
-                    format!("UNHEALTHY since {since} UTC (most recent requests failed; probing)")
-                }
+            .await?;
+        let spc_at = store.cache_age(&t.name, "spc").await?;
+        let (backlog, oldest) = store.backlog(&t.name).await?;
+        health.push(serde_json::json!({
+            "target": t.name,
+            "healthy": h.as_ref().and_then(|h| h.get("healthy")).and_then(Value::as_bool),
+            "health_since": h.as_ref().and_then(|h| h.get("since")).and_then(Value::as_i64),
+            "spc_read_at": spc_at,
+            "event_backlog": backlog,
+            "oldest_event_at": oldest,
+        }));
+    }
+    let runs = store.recent_runs(target, 10).await?;
+    let failing = store.failing(target).await?;
+    if format == Format::Json {
+        let out = serde_json::json!({"targets": health, "runs": runs, "failing": failing});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("targets:");
+    for h in &health {
+        let since = h["health_since"]
+            .as_i64()
+            .map(format_ms)
+            .unwrap_or_default();
+        let state = match h["healthy"].as_bool() {
+            Some(true) => format!("healthy since {since} UTC"),
+            Some(false) => {
+                format!("UNHEALTHY since {since} UTC (most recent requests failed; probing)")
             }
             None => "health not known yet".into(),
         };
-        let spc = match store.cache_age(&t.name, "spc").await? {
+        let spc = match h["spc_read_at"].as_i64() {
             Some(at) => format!(
                 "ServiceProviderConfig read {} s ago",
                 (crate::store::now_ms() - at).max(0) / 1000
             ),
             None => "ServiceProviderConfig not read yet".into(),
         };
-        let (backlog, _) = store.backlog(&t.name).await?;
         println!(
-            "  {}: {health}; {spc}; {backlog} change event(s) not consumed",
-            t.name
+            "  {}: {state}; {spc}; {} change event(s) not consumed",
+            h["target"].as_str().unwrap_or(""),
+            h["event_backlog"]
         );
     }
-    let runs = store.recent_runs(target, 10).await?;
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
         "run",
@@ -787,7 +825,6 @@ async fn status(store: &Store, targets: &[TargetConfig], target: Option<&str>) -
     for r in runs.iter().filter(|r| r.detail.is_some()) {
         println!("run {}: {}", r.id, r.detail.as_deref().unwrap_or(""));
     }
-    let failing = store.failing(target).await?;
     if failing.is_empty() {
         println!("no object is failing");
     } else {

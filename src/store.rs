@@ -111,7 +111,7 @@ pub struct RunCounts {
     pub requests: i64,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct RunRecord {
     pub id: i64,
     pub target: String,

@@ -331,7 +331,36 @@ impl Mappings {
 
     pub fn map_user(&self, user: &User, target: &TargetInfo) -> Result<MapOutcome, MappingError> {
         let obj = serde_json::to_value(user).unwrap_or(Value::Null);
-        self.run(&self.user, "user", obj, USER_SCHEMA, target)
+        self.run(&self.user, "user", obj, USER_SCHEMA, target, None)
+    }
+
+    /// `map_user` (or `map_group`), also returning what each script contributed, in order.
+    pub fn map_traced(
+        &self,
+        kind: Kind,
+        object: &Value,
+        target: &TargetInfo,
+    ) -> (Result<MapOutcome, MappingError>, Vec<(String, Value)>) {
+        let mut steps = Vec::new();
+        let out = match kind {
+            Kind::User => self.run(
+                &self.user,
+                "user",
+                object.clone(),
+                USER_SCHEMA,
+                target,
+                Some(&mut steps),
+            ),
+            Kind::Group => self.run(
+                &self.group,
+                "group",
+                object.clone(),
+                GROUP_SCHEMA,
+                target,
+                Some(&mut steps),
+            ),
+        };
+        (out, steps)
     }
 
     /// Maps a group; `members` are the directory user ids, visible to scripts as `members`.
@@ -341,7 +370,7 @@ impl Mappings {
         target: &TargetInfo,
     ) -> Result<MapOutcome, MappingError> {
         let obj = serde_json::to_value(group).unwrap_or(Value::Null);
-        self.run(&self.group, "group", obj, GROUP_SCHEMA, target)
+        self.run(&self.group, "group", obj, GROUP_SCHEMA, target, None)
     }
 
     fn run(
@@ -351,6 +380,7 @@ impl Mappings {
         object: Value,
         schema: &str,
         target: &TargetInfo,
+        mut trace: Option<&mut Vec<(String, Value)>>,
     ) -> Result<MapOutcome, MappingError> {
         let mut doc = Map::new();
         doc.insert("schemas".into(), Value::from(vec![schema.to_string()]));
@@ -402,6 +432,9 @@ impl Mappings {
                 }
             };
             if out.is_unit() {
+                if let Some(t) = trace.as_mut() {
+                    t.push((script.name.clone(), Value::Null));
+                }
                 continue;
             }
             if !out.is_map() {
@@ -422,6 +455,9 @@ impl Mappings {
                     column: 0,
                     message: format!("result cannot be turned into JSON: {e}"),
                 })?;
+            if let Some(t) = trace.as_mut() {
+                t.push((script.name.clone(), value.clone()));
+            }
             deep_merge(&mut doc, value);
         }
         crate::scim::schema::list_extensions(&mut doc);

@@ -544,6 +544,19 @@ impl Engine {
         progress.done();
         summary.requests = self.client.stats.total() - before.0;
         summary.writes = self.client.stats.writes() - before.1;
+        // Objects of a batch finish in any order; a plan reads the same every time: users,
+        // groups, then deletions (groups first), each by what it sends.
+        summary.planned.sort_by_cached_key(|p| {
+            let users = p.path.starts_with("/Users");
+            let rank = match (p.method.as_str(), users) {
+                ("DELETE", false) => 2,
+                ("DELETE", true) => 3,
+                (_, true) => 0,
+                (_, false) => 1,
+            };
+            let body = p.body.as_ref().map(Value::to_string).unwrap_or_default();
+            (rank, p.method.clone(), body, p.path.clone())
+        });
         Ok(summary)
     }
 
@@ -804,7 +817,28 @@ impl Engine {
             return self.out_of_scope(Kind::User, &user.id, w, why, state);
         }
         w.step(|| "scope: in scope".into());
-        let mapped = self.mappings.current().map_user(&user, &self.info);
+        let mapped = if w.trace {
+            let obj = serde_json::to_value(&user).unwrap_or(Value::Null);
+            let (out, steps) = self
+                .mappings
+                .current()
+                .map_traced(Kind::User, &obj, &self.info);
+            for (script, value) in steps {
+                w.step(|| {
+                    format!(
+                        "script {script}: {}",
+                        if value.is_null() {
+                            "()".to_string()
+                        } else {
+                            value.to_string()
+                        }
+                    )
+                });
+            }
+            out
+        } else {
+            self.mappings.current().map_user(&user, &self.info)
+        };
         self.sync_mapped(Kind::User, &user.id, mapped, None, state, w)
             .await
     }
@@ -845,7 +879,28 @@ impl Engine {
             .filter_map(|m| m.remote_id)
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
-        let mapped = self.mappings.current().map_group(&group, &self.info);
+        let mapped = if w.trace {
+            let obj = serde_json::to_value(&group).unwrap_or(Value::Null);
+            let (out, steps) = self
+                .mappings
+                .current()
+                .map_traced(Kind::Group, &obj, &self.info);
+            for (script, value) in steps {
+                w.step(|| {
+                    format!(
+                        "script {script}: {}",
+                        if value.is_null() {
+                            "()".to_string()
+                        } else {
+                            value.to_string()
+                        }
+                    )
+                });
+            }
+            out
+        } else {
+            self.mappings.current().map_group(&group, &self.info)
+        };
         self.sync_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
             .await
     }

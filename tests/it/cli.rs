@@ -326,3 +326,74 @@ async fn check_reports_capabilities_profile_and_failing_steps() {
     );
     sb.stop().await;
 }
+
+/// Replaces the sandbox's generated ids with stable placeholders, for snapshots.
+fn stable_ids(text: &str) -> String {
+    let re = regex::Regex::new("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+        .expect("regex");
+    let mut seen: Vec<String> = Vec::new();
+    re.replace_all(text, |c: &regex::Captures| {
+        let id = c[0].to_string();
+        let n = match seen.iter().position(|s| *s == id) {
+            Some(n) => n,
+            None => {
+                seen.push(id);
+                seen.len() - 1
+            }
+        };
+        format!("<remote-id-{n}>")
+    })
+    .into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_creates_updates_member_changes_and_deletes() {
+    let sb = sandbox::start(SandboxOptions::with_token("cli-token"))
+        .await
+        .expect("sandbox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), &sb.url, "");
+    let out = scimsync(&cfg, &["directory", "import", "-"], Some(DIRECTORY)).await;
+    assert!(out.status.success());
+    let out = scimsync(&cfg, &["sync", "--full"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    // Pending: a new user, a rename, a member removed, a user deleted.
+    let change = "{\"kind\":\"user\",\"id\":\"u-3\",\"username\":\"carol\"}\n{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice Cooper\",\"email\":\"alice@example.com\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"deleted\":true}\n";
+    let out = scimsync(&cfg, &["directory", "import", "-"], Some(change)).await;
+    assert!(out.status.success());
+    sb.clear_requests();
+    let out = scimsync(&cfg, &["plan", "--format", "json"], None).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(sb.writes().is_empty(), "plan sends nothing");
+    let plan: serde_json::Value =
+        serde_json::from_str(&stable_ids(&text(&out.stdout))).expect("plan is JSON");
+    insta::assert_json_snapshot!("plan_pending", plan);
+    let out = scimsync(&cfg, &["plan"], None).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("create (1):")
+            && stdout.contains("update (2):")
+            && stdout.contains("DELETE (1):"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("!   DELETE /Users/")),
+        "{stdout}"
+    );
+    // One object, step by step, with each script's part.
+    let out = scimsync(&cfg, &["sync", "--user", "u-1", "--dry-run"], None).await;
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("script ") && stdout.contains("10-core.rhai: {"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("request (dry run, not sent): PATCH /Users/"),
+        "{stdout}"
+    );
+    let out = scimsync(&cfg, &["status", "--format", "json"], None).await;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["targets"][0]["target"], "sandbox");
+    assert_eq!(status["runs"][0]["status"], "succeeded");
+    sb.stop().await;
+}
