@@ -397,3 +397,77 @@ async fn plan_shows_creates_updates_member_changes_and_deletes() {
     assert_eq!(status["runs"][0]["status"], "succeeded");
     sb.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_and_sandbox_commands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_config(dir.path(), "http://127.0.0.1:9/scim/v2", "");
+    let out = scimsync(&cfg, &["migrate"], None).await;
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("database is migrated (sqlite)"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // The sandbox binary serves until SIGTERM, then exits 0.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scimsync"))
+        .args([
+            "sandbox",
+            "--listen",
+            &listen,
+            "--profile",
+            "nauthera",
+            "--oauth-client",
+            "c:s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sandbox");
+    let url = format!("http://{listen}/scim/v2/ServiceProviderConfig");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let spc = loop {
+        if let Ok(r) = reqwest::get(&url).await {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox did not come up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        spc.status().as_u16(),
+        200,
+        "discovery is open on the nauthera profile"
+    );
+    let users = reqwest::get(format!("http://{listen}/scim/v2/Users"))
+        .await
+        .expect("GET");
+    assert_eq!(users.status().as_u16(), 401, "resources need a token");
+    let pid = child.id().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let out = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("output");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("SCIM sandbox (Nauthera profile) listening")
+            && stdout.contains("client_id c client_secret s"),
+        "{stdout}"
+    );
+}
