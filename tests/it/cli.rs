@@ -416,7 +416,7 @@ async fn migrate_and_sandbox_commands() {
         .expect("port")
         .port();
     let listen = format!("127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scimsync"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scimsync"))
         .args([
             "sandbox",
             "--listen",
