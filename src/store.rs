@@ -65,6 +65,8 @@ pub struct SyncState {
     pub status: String,
     pub last_error: Option<String>,
     pub attempts: i64,
+    /// Hash of what the last resource sent was made from (object, scripts, target settings).
+    pub source_hash: Option<String>,
 }
 
 /// What the target holds after a successful write.
@@ -76,6 +78,8 @@ pub struct Synced<'a> {
     pub resource: &'a Value,
     /// Remote ids of the members sent (groups only).
     pub members: Option<&'a [String]>,
+    /// What the resource was made from (None: unknown, the next run maps it again).
+    pub source: Option<&'a str>,
 }
 
 /// A provisioned object whose directory object is gone.
@@ -150,6 +154,7 @@ struct StateCols {
     status: Option<String>,
     last_error: Option<String>,
     attempts: Option<i64>,
+    source_hash: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -191,7 +196,7 @@ struct OrphanRow {
 }
 
 const STATE_COLS: &str = "s.remote_id, s.resource_hash, s.last_resource, s.members, s.status, \
-     s.last_error, s.attempts";
+     s.last_error, s.attempts, s.source_hash";
 
 fn attrs(id: &str, text: &str) -> Result<Map<String, Value>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
@@ -227,6 +232,7 @@ impl StateCols {
             status,
             last_error: self.last_error,
             attempts: self.attempts.unwrap_or(0),
+            source_hash: self.source_hash,
         }))
     }
 }
@@ -274,23 +280,23 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 const USER_BATCH: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
      u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
-     s.members, s.status, s.last_error, s.attempts \
+     s.members, s.status, s.last_error, s.attempts, s.source_hash \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
      WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3";
 
 const USER_ONE: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
      u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
-     s.members, s.status, s.last_error, s.attempts \
+     s.members, s.status, s.last_error, s.attempts, s.source_hash \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
      WHERE u.id = $2";
 
 const GROUP_BATCH: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
-     s.last_resource, s.members, s.status, s.last_error, s.attempts \
+     s.last_resource, s.members, s.status, s.last_error, s.attempts, s.source_hash \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3";
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
-     s.last_resource, s.members, s.status, s.last_error, s.attempts \
+     s.last_resource, s.members, s.status, s.last_error, s.attempts, s.source_hash \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      WHERE g.id = $2";
 
@@ -317,10 +323,11 @@ const UPSERT_GROUP: &str = "INSERT INTO groups (id, name, attributes, content_ha
      WHERE groups.content_hash <> excluded.content_hash";
 
 const SAVE_SYNCED: &str = "INSERT INTO sync_state (target, kind, local_id, remote_id, \
-     resource_hash, last_resource, members, status, last_error, attempts, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', NULL, 0, $8) \
+     resource_hash, last_resource, members, status, last_error, attempts, updated_at, \
+     source_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', NULL, 0, $8, $9) \
      ON CONFLICT (target, kind, local_id) DO UPDATE SET remote_id = excluded.remote_id, \
      resource_hash = excluded.resource_hash, last_resource = excluded.last_resource, \
+     source_hash = excluded.source_hash, \
      members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
      updated_at = excluded.updated_at, next_attempt_at = NULL";
 
@@ -745,6 +752,7 @@ impl Store {
             .bind(synced.resource.to_string())
             .bind(members)
             .bind(now_ms())
+            .bind(synced.source)
             .execute(p)
             .await
             .map(|_| ()))?;

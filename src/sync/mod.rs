@@ -217,6 +217,8 @@ pub struct Engine {
     warned: std::sync::Mutex<HashSet<String>>,
     /// The health last recorded (0 none, 1 healthy, 2 unhealthy).
     health_recorded: std::sync::atomic::AtomicU8,
+    /// The target's settings fingerprint, part of every source hash.
+    settings: String,
 }
 
 /// Per-object scratch: the trace and the requests a dry run would send.
@@ -225,6 +227,8 @@ struct Work {
     trace: bool,
     steps: Vec<String>,
     planned: Vec<PlannedRequest>,
+    /// What the resource is made from (recorded with it, to skip it next time).
+    source: Option<String>,
 }
 
 impl Work {
@@ -254,6 +258,7 @@ impl Engine {
         opts.dry_run |= cfg.dry_run;
         let eff = discover(&store, &client, &cfg, !opts.dry_run).await;
         let profile = client.profile.clone();
+        let cfg_fingerprint = cfg.fingerprint();
         let target_schemas = match cfg.schema_check {
             SchemaCheck::Off => None,
             SchemaCheck::Warn | SchemaCheck::Strict => client.schemas().await,
@@ -280,6 +285,7 @@ impl Engine {
             target_schemas,
             warned: std::sync::Mutex::new(HashSet::new()),
             health_recorded: std::sync::atomic::AtomicU8::new(0),
+            settings: cfg_fingerprint,
         }
     }
 
@@ -800,6 +806,26 @@ impl Engine {
         self.report(kind, id, w, Action::Failed, error, None)
     }
 
+    /// What a resource is made from: the directory object, the scripts and the target.
+    fn source_hash(&self, object_hash: &str) -> String {
+        let mut all = String::with_capacity(200);
+        all.push_str(object_hash);
+        all.push('|');
+        all.push_str(&self.mappings.version());
+        all.push('|');
+        all.push_str(&self.settings);
+        crate::mapping::sha256(&all)
+    }
+
+    /// True when nothing the resource is made from changed since it was sent.
+    fn source_unchanged(state: Option<&SyncState>, source: &str) -> bool {
+        state.is_some_and(|s| {
+            s.status == "synced"
+                && s.remote_id.is_some()
+                && s.source_hash.as_deref() == Some(source)
+        })
+    }
+
     /// Syncs one user (scope, mapping, validation, create/update).
     pub async fn sync_user(&self, user: User, state: Option<SyncState>) -> ObjectReport {
         let mut w = Work {
@@ -817,6 +843,21 @@ impl Engine {
             return self.out_of_scope(Kind::User, &user.id, w, why, state);
         }
         w.step(|| "scope: in scope".into());
+        let source = self.source_hash(&user.content_hash());
+        if Self::source_unchanged(state.as_ref(), &source) {
+            w.step(|| {
+                "unchanged since last sent (object, scripts and target settings): not mapped".into()
+            });
+            return self.report(
+                Kind::User,
+                &user.id,
+                w,
+                Action::Unchanged,
+                "unchanged".into(),
+                None,
+            );
+        }
+        w.source = Some(source);
         let mapped = if w.trace {
             let obj = serde_json::to_value(&user).unwrap_or(Value::Null);
             let (out, steps) = self
@@ -879,6 +920,53 @@ impl Engine {
             .filter_map(|m| m.remote_id)
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
+        let source = self.source_hash(&group.content_hash());
+        if Self::source_unchanged(state.as_ref(), &source)
+            && let Some(s) = state.as_ref()
+            && let (Some(rid), Some(last), Some(hash)) = (
+                s.remote_id.as_deref(),
+                s.last_resource.as_ref(),
+                s.resource_hash.as_deref(),
+            )
+        {
+            // The group itself maps as before; only its members may have moved.
+            if s.members.as_deref() == Some(remote.as_slice()) {
+                w.step(|| {
+                    "unchanged since last sent (object, scripts, target, members): not mapped"
+                        .into()
+                });
+                return self.report(
+                    Kind::Group,
+                    &group.id,
+                    w,
+                    Action::Unchanged,
+                    "unchanged".into(),
+                    None,
+                );
+            }
+            w.source = Some(source);
+            let result = self
+                .update(
+                    Kind::Group,
+                    &group.id,
+                    rid,
+                    Some(last),
+                    last,
+                    hash,
+                    s.members.as_deref(),
+                    Some(&remote),
+                    true,
+                    &mut w,
+                )
+                .await;
+            return match result {
+                Ok((action, detail)) => {
+                    self.report(Kind::Group, &group.id, w, action, detail, None)
+                }
+                Err(e) => self.failed(Kind::Group, &group.id, w, e).await,
+            };
+        }
+        w.source = Some(source);
         let mapped = if w.trace {
             let obj = serde_json::to_value(&group).unwrap_or(Value::Null);
             let (out, steps) = self
@@ -1281,6 +1369,7 @@ impl Engine {
                                 hash,
                                 resource: desired,
                                 members,
+                                source: w.source.as_deref(),
                             },
                         )
                         .await
@@ -1413,6 +1502,7 @@ impl Engine {
                     hash,
                     resource: desired,
                     members: first,
+                    source: None,
                 };
                 self.store
                     .save_synced(self.target(), kind, id, synced)
@@ -1428,6 +1518,7 @@ impl Engine {
             hash,
             resource: desired,
             members,
+            source: w.source.as_deref(),
         };
         self.store
             .save_synced(self.target(), kind, id, synced)

@@ -114,7 +114,8 @@ async fn commands_work_end_to_end() {
     let out = scimsync(&cfg, &["sync", "--user", "u-1"], None).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("unchanged since last sent"),
+        text(&out.stdout).contains("unchanged since last sent")
+            && text(&out.stdout).contains("not mapped"),
         "{}",
         text(&out.stdout)
     );
