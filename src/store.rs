@@ -357,6 +357,9 @@ impl Store {
             let opts = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
+                // WAL with NORMAL: no fsync per commit, still never corrupt; a power cut may
+                // lose the last commits, which the next run redoes (sends are idempotent).
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true);
             let pool = SqlitePoolOptions::new()
@@ -366,10 +369,14 @@ impl Store {
             sqlx::migrate!("migrations/sqlite").run(&pool).await?;
             Backend::Sqlite(pool)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            // Commits need not wait for the WAL flush: a crash of scimsync loses nothing (the
+            // server has it), a crash of the server only the last moments, which runs redo.
+            let opts = sqlx::postgres::PgConnectOptions::from_str(url)?
+                .options([("synchronous_commit", "off")]);
             let pool = PgPoolOptions::new()
                 .max_connections(10)
                 .acquire_timeout(Duration::from_secs(30))
-                .connect(url)
+                .connect_with(opts)
                 .await?;
             sqlx::migrate!("migrations/postgres").run(&pool).await?;
             Backend::Postgres(pool)
@@ -400,7 +407,7 @@ impl Store {
         prune: bool,
     ) -> Result<ImportSummary, StoreError> {
         let now = now_ms();
-        on_pool!(self, |pool| {
+        let summary = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
             let mut summary = ImportSummary::default();
             let mut memberships: Vec<(usize, &Group)> = Vec::new();
@@ -564,8 +571,12 @@ impl Store {
                 }
             }
             tx.commit().await?;
-            Ok(summary)
-        })
+            Ok::<_, StoreError>(summary)
+        })?;
+        if records.len() > 1000 {
+            self.refresh_statistics().await?;
+        }
+        Ok(summary)
     }
 
     /// Up to `limit` users with ids after `after`, each with its state on `target`.
@@ -1150,6 +1161,17 @@ impl Store {
         Ok(row.map(|(id,)| id))
     }
 
+    /// PostgreSQL plans the batch joins from table statistics; after bulk changes (an import,
+    /// a first sync) autovacuum may not have caught up, and a stale plan is slow. Cheap.
+    pub async fn refresh_statistics(&self) -> Result<(), StoreError> {
+        if let Backend::Postgres(p) = &*self.backend {
+            sqlx::query("ANALYZE users, groups, memberships, sync_state")
+                .execute(p)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Starts a full sync of `target` made of batch jobs (users, then groups, then
     /// deprovisioning), or returns the one already running: (run id, created by this call).
     pub async fn start_run_with_jobs(
@@ -1158,6 +1180,7 @@ impl Store {
         trigger: &str,
         batch_size: u32,
     ) -> Result<(i64, bool), StoreError> {
+        self.refresh_statistics().await?;
         let now = now_ms();
         let batch = batch_size.max(1) as usize;
         let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {

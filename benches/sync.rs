@@ -1,0 +1,286 @@
+//! The throughput benchmark: a fast in-process SCIM sink on loopback, a generated directory,
+//! and the real engine. Prints, it does not assert. Run:
+//!
+//!     cargo bench --bench sync                 # N = 10,000 users, SQLite
+//!     cargo bench --bench sync -- 100000       # any N (M = N/10 groups of 20 members)
+//!     SCIMSYNC_TEST_POSTGRES=postgres://... cargo bench --bench sync   # also PostgreSQL
+//!
+//! Reports: initial full sync wall time and objects/s, requests sent, CPU time per object,
+//! no-op resync time and requests, change → target latency p50/p99 through the daemon, and
+//! peak RSS.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use scimsync::config::{Config, DatabaseConfig, TargetConfig, WorkerConfig};
+use scimsync::directory::{Record, sample};
+use scimsync::mapping::LiveMappings;
+use scimsync::store::Store;
+use scimsync::sync::{Engine, NoProgress, SyncOptions};
+use scimsync::target::TargetClient;
+use serde_json::json;
+
+#[derive(Default)]
+struct Sink {
+    requests: AtomicU64,
+    writes: AtomicU64,
+    next_id: AtomicU64,
+    /// When the last PATCH for a path arrived (for event latency).
+    patched: Mutex<HashMap<String, Instant>>,
+}
+
+async fn sink(
+    axum::extract::State(s): axum::extract::State<Arc<Sink>>,
+    method: Method,
+    uri: Uri,
+    _body: Bytes,
+) -> axum::response::Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    let path = uri.path().trim_start_matches("/scim/v2").to_string();
+    let json_ok = |v: serde_json::Value, code: StatusCode| {
+        (
+            code,
+            [("content-type", "application/scim+json")],
+            v.to_string(),
+        )
+            .into_response()
+    };
+    match (method, path.as_str()) {
+        (Method::GET, "/ServiceProviderConfig") => json_ok(
+            json!({"patch":{"supported":true},"filter":{"supported":true,"maxResults":200},"bulk":{"supported":false}}),
+            StatusCode::OK,
+        ),
+        (Method::GET, "/ResourceTypes") => json_ok(
+            json!({"Resources":[{"name":"User","endpoint":"/Users"},{"name":"Group","endpoint":"/Groups"}]}),
+            StatusCode::OK,
+        ),
+        (Method::GET, _) => json_ok(json!({"totalResults":0,"Resources":[]}), StatusCode::OK),
+        (Method::POST, _) => {
+            s.writes.fetch_add(1, Ordering::Relaxed);
+            let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+            json_ok(json!({"id": format!("r{id}")}), StatusCode::CREATED)
+        }
+        (Method::PATCH, p) => {
+            s.writes.fetch_add(1, Ordering::Relaxed);
+            s.patched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.to_string(), Instant::now());
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => {
+            s.writes.fetch_add(1, Ordering::Relaxed);
+            StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (100 a second on Linux).
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn database(kind: &str, dir: &std::path::Path) -> Option<(String, Option<String>)> {
+    if kind == "sqlite" {
+        return Some((format!("sqlite://{}", dir.join("bench.db").display()), None));
+    }
+    let admin = std::env::var("SCIMSYNC_TEST_POSTGRES").ok()?;
+    let name = format!("scimsync_bench_{}", uuid::Uuid::new_v4().simple());
+    let pool = sqlx::PgPool::connect(&admin).await.ok()?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .ok()?;
+    let mut url = reqwest::Url::parse(&admin).ok()?;
+    url.set_path(&format!("/{name}"));
+    Some((url.to_string(), Some(name)))
+}
+
+async fn bench(db: &str, n: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((url, pg_name)) = database(db, dir.path()).await else {
+        println!("{db}: skipped (set SCIMSYNC_TEST_POSTGRES to include PostgreSQL)");
+        return;
+    };
+    let store = Store::connect(&url).await.expect("database");
+    let state = Arc::new(Sink::default());
+    let app = axum::Router::new().fallback(sink).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mappings = dir.path().join("mappings");
+    for (kind, (name, text)) in [
+        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
+        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
+    ] {
+        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
+        std::fs::write(mappings.join(kind).join(name), text).expect("write");
+    }
+    let mut target = TargetConfig::new("sink", &format!("http://{addr}/scim/v2"), Some("t".into()));
+    target.mappings = mappings;
+    target.exclude_service_accounts = false;
+    target.concurrency = 32;
+
+    let groups = n / 10;
+    let t = Instant::now();
+    let records: Vec<(usize, Record)> = sample(n, groups, 20)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| (i + 1, r))
+        .collect();
+    store.import(&records, false).await.expect("import");
+    let import_s = t.elapsed().as_secs_f64();
+    drop(records);
+
+    let engine = Engine::new(
+        store.clone(),
+        Arc::new(TargetClient::new(&target).expect("client")),
+        target.clone(),
+        Arc::new(LiveMappings::load(&target.mappings).expect("mappings")),
+        SyncOptions {
+            batch_size: 100,
+            trigger: "bench".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let objects = (n + groups) as f64;
+    let (r0, cpu0, t0) = (
+        state.requests.load(Ordering::Relaxed),
+        cpu_seconds(),
+        Instant::now(),
+    );
+    let s = engine.full_sync(&NoProgress).await.expect("full sync");
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+    let first_requests = state.requests.load(Ordering::Relaxed) - r0;
+    assert_eq!(s.failed, 0, "{:?}", &s.failures[..s.failures.len().min(3)]);
+
+    let (r1, t1) = (state.requests.load(Ordering::Relaxed), Instant::now());
+    let s2 = engine.full_sync(&NoProgress).await.expect("no-op sync");
+    let noop = t1.elapsed().as_secs_f64();
+    let noop_requests = state.requests.load(Ordering::Relaxed) - r1;
+
+    // Change → target latency through the daemon's event consumer.
+    let cfg = Config {
+        database: DatabaseConfig { url: url.clone() },
+        worker: WorkerConfig {
+            full_sync_cron: "0 0 0 1 1 *".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Default::default()
+        },
+        targets: vec![target.clone()],
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let daemon = {
+        let (store, c) = (store.clone(), cancel.clone());
+        tokio::spawn(async move { scimsync::daemon::run_on(cfg, store, c, listener).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latencies = Vec::new();
+    for i in 0..50 {
+        let id = format!("u-{:06}", i * 7 % n);
+        let st = store
+            .state("sink", scimsync::directory::Kind::User, &id)
+            .await
+            .expect("state")
+            .expect("synced");
+        let path = format!("/Users/{}", st.remote_id.unwrap_or_default());
+        let line = format!("{{\"kind\":\"user\",\"id\":\"{id}\",\"username\":\"bench-{i}-{id}\"}}");
+        let rec = scimsync::directory::parse_record(&line).expect("record");
+        let start = Instant::now();
+        store.import(&[(1, rec)], false).await.expect("import");
+        loop {
+            let got = state
+                .patched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&path)
+                .copied();
+            if got.is_some_and(|g| g > start) {
+                latencies.push(got.map_or(0.0, |g| g.duration_since(start).as_secs_f64() * 1000.0));
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "change did not arrive"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    cancel.cancel();
+    let _ = daemon.await;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
+
+    println!(
+        "| {db} | {n} users + {groups} groups | import {import_s:.1} s | full sync {wall:.2} s, {:.0} objects/s, {first_requests} requests, {:.0} µs CPU/object | no-op resync {noop:.2} s, {noop_requests} requests ({} unchanged) | change→target p50 {:.0} ms, p99 {:.0} ms | peak RSS {:.0} MB |",
+        objects / wall,
+        cpu / objects * 1e6,
+        s2.unchanged,
+        pct(0.5),
+        pct(0.99),
+        peak_rss_mb()
+    );
+    store.close().await;
+    if let (Some(name), Ok(admin)) = (pg_name, std::env::var("SCIMSYNC_TEST_POSTGRES"))
+        && let Ok(pool) = sqlx::PgPool::connect(&admin).await
+    {
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&pool).await;
+    }
+}
+
+fn main() {
+    if let Ok(filter) = std::env::var("SCIMSYNC_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .try_init();
+    }
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() {
+        vec![10_000]
+    } else {
+        sizes
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        for n in sizes {
+            let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,postgres".into());
+            for db in dbs.split(',') {
+                bench(db.trim(), n).await;
+            }
+        }
+    });
+}
