@@ -334,22 +334,23 @@ impl Mappings {
         self.run(&self.user, "user", obj, USER_SCHEMA, target, None)
     }
 
-    /// `map_user` (or `map_group`), also returning what each script contributed, in order.
-    pub fn map_traced(
+    /// Maps a directory object given as JSON; with `trace`, also records what each script
+    /// contributed, in order (`null` for a script that returned `()`).
+    pub fn map_value(
         &self,
         kind: Kind,
         object: &Value,
         target: &TargetInfo,
-    ) -> (Result<MapOutcome, MappingError>, Vec<(String, Value)>) {
-        let mut steps = Vec::new();
-        let out = match kind {
+        trace: Option<&mut Vec<(String, Value)>>,
+    ) -> Result<MapOutcome, MappingError> {
+        match kind {
             Kind::User => self.run(
                 &self.user,
                 "user",
                 object.clone(),
                 USER_SCHEMA,
                 target,
-                Some(&mut steps),
+                trace,
             ),
             Kind::Group => self.run(
                 &self.group,
@@ -357,10 +358,9 @@ impl Mappings {
                 object.clone(),
                 GROUP_SCHEMA,
                 target,
-                Some(&mut steps),
+                trace,
             ),
-        };
-        (out, steps)
+        }
     }
 
     /// Maps a group; `members` are the directory user ids, visible to scripts as `members`.

@@ -826,6 +826,30 @@ impl Engine {
         })
     }
 
+    /// Runs the mappings; when tracing, each script's contribution becomes a step.
+    fn map(
+        &self,
+        kind: Kind,
+        object: &Value,
+        w: &mut Work,
+    ) -> Result<MapOutcome, crate::mapping::MappingError> {
+        let mut steps = Vec::new();
+        let trace = if w.trace { Some(&mut steps) } else { None };
+        let out = self
+            .mappings
+            .current()
+            .map_value(kind, object, &self.info, trace);
+        for (script, value) in steps {
+            let said = if value.is_null() {
+                "()".to_string()
+            } else {
+                value.to_string()
+            };
+            w.step(|| format!("script {script}: {said}"));
+        }
+        out
+    }
+
     /// Syncs one user (scope, mapping, validation, create/update).
     pub async fn sync_user(&self, user: User, state: Option<SyncState>) -> ObjectReport {
         let mut w = Work {
@@ -858,28 +882,8 @@ impl Engine {
             );
         }
         w.source = Some(source);
-        let mapped = if w.trace {
-            let obj = serde_json::to_value(&user).unwrap_or(Value::Null);
-            let (out, steps) = self
-                .mappings
-                .current()
-                .map_traced(Kind::User, &obj, &self.info);
-            for (script, value) in steps {
-                w.step(|| {
-                    format!(
-                        "script {script}: {}",
-                        if value.is_null() {
-                            "()".to_string()
-                        } else {
-                            value.to_string()
-                        }
-                    )
-                });
-            }
-            out
-        } else {
-            self.mappings.current().map_user(&user, &self.info)
-        };
+        let object = serde_json::to_value(&user).unwrap_or(Value::Null);
+        let mapped = self.map(Kind::User, &object, &mut w);
         self.sync_mapped(Kind::User, &user.id, mapped, None, state, w)
             .await
     }
@@ -967,28 +971,8 @@ impl Engine {
             };
         }
         w.source = Some(source);
-        let mapped = if w.trace {
-            let obj = serde_json::to_value(&group).unwrap_or(Value::Null);
-            let (out, steps) = self
-                .mappings
-                .current()
-                .map_traced(Kind::Group, &obj, &self.info);
-            for (script, value) in steps {
-                w.step(|| {
-                    format!(
-                        "script {script}: {}",
-                        if value.is_null() {
-                            "()".to_string()
-                        } else {
-                            value.to_string()
-                        }
-                    )
-                });
-            }
-            out
-        } else {
-            self.mappings.current().map_group(&group, &self.info)
-        };
+        let object = serde_json::to_value(&group).unwrap_or(Value::Null);
+        let mapped = self.map(Kind::Group, &object, &mut w);
         self.sync_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
             .await
     }
