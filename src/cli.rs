@@ -188,7 +188,7 @@ pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon says what it does; one-shot commands speak up only about problems.
     let default_level = if matches!(cli.command, Command::Run) {
-        "info"
+        "info,tokio_cron_scheduler=warn"
     } else {
         "warn"
     };
