@@ -1265,7 +1265,7 @@ impl Store {
              OR (j.status = 'running' AND j.lease_until < $3)) \
              AND ($4 IS NULL OR j.run_id = $4) \
              AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
-                 AND e.phase < j.phase AND e.status <> 'done') \
+                 AND e.status IN ('pending', 'running') AND e.phase < j.phase) \
              ORDER BY j.run_id, j.phase, j.id LIMIT 1";
         let job: Option<Job> = match &*self.backend {
             Backend::Sqlite(p) => {
@@ -1353,6 +1353,17 @@ impl Store {
         .await
         .map(|_| ()))?;
         Ok(())
+    }
+
+    /// How many jobs of a run are not done yet (cheap: no results read).
+    pub async fn run_pending(&self, run_id: i64) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running') AND run_id = $1"
+        )
+        .bind(run_id)
+        .fetch_one(p)
+        .await)?;
+        Ok(n)
     }
 
     /// Jobs of a run not done yet, and the results of those that are.

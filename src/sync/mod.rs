@@ -394,7 +394,7 @@ impl Engine {
                 self.work_job(&job, &holder, progress).await?;
                 continue;
             }
-            let (pending, _) = self.store.run_progress(run_id).await?;
+            let pending = self.store.run_pending(run_id).await?;
             if pending == 0 {
                 break;
             }
@@ -451,7 +451,7 @@ impl Engine {
             tracing::warn!(target = %self.cfg.name, job = job.id, "job was taken over while running; its result is dropped");
             return Ok(());
         }
-        let (pending, _) = self.store.run_progress(job.run_id).await?;
+        let pending = self.store.run_pending(job.run_id).await?;
         if pending == 0 {
             let summary = self.run_summary(job.run_id).await?;
             let status = if summary.is_clean() {
