@@ -34,14 +34,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn write_config(dir: &Path, url: &str, extra: &str) -> std::path::PathBuf {
-    let mappings = dir.join("mappings");
-    for (kind, (name, body)) in [
-        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
-        std::fs::write(mappings.join(kind).join(name), body).expect("write");
-    }
+    crate::harness::write_default_mappings(dir);
     let cfg = format!(
         "[database]\nurl = \"sqlite://{}\"\n\n[[target]]\nname = \"sandbox\"\nurl = \"{url}\"\nmappings = \"mappings\"\n{extra}\n[target.auth]\nmode = \"token\"\ntoken = \"${{SCIM_TOKEN}}\"\n",
         dir.join("cli.db").display()

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use scimsync::config::{Config, DatabaseConfig, WorkerConfig};
-use scimsync::directory::{Record, export_group, export_user, sample};
+use scimsync::directory::sample;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Db, Env, TOKEN, call, calls, postgres_url};
+use crate::harness::{Db, Env, TOKEN, call, calls, jsonl, postgres_url};
 use crate::on_both_databases;
 
 /// Never fires in a test's lifetime: January 1st at midnight.
@@ -218,14 +218,7 @@ async fn health_readiness_and_metrics() {
 // ---- several processes on PostgreSQL: the real binary ----
 
 fn write_config(dir: &Path, db_url: &str, sandbox_url: &str, cron: &str) -> std::path::PathBuf {
-    let mappings = dir.join("mappings");
-    for (kind, (name, body)) in [
-        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
-        std::fs::write(mappings.join(kind).join(name), body).expect("write");
-    }
+    crate::harness::write_default_mappings(dir);
     let text = format!(
         "[database]\nurl = \"{db_url}\"\n\n[worker]\nfull_sync_cron = \"{cron}\"\nbatch_size = 100\nlisten = \"127.0.0.1:0\"\nevent_poll_interval_ms = 100\njob_lease = 3\nworkers = 2\nshutdown_timeout = 20\n\n[[target]]\nname = \"sandbox\"\nurl = \"{sandbox_url}\"\nmappings = \"mappings\"\nexclude_service_accounts = false\n[target.auth]\ntoken = \"{TOKEN}\"\n"
     );
@@ -245,17 +238,6 @@ fn spawn_daemon(config: &Path) -> tokio::process::Child {
         .kill_on_drop(true)
         .spawn()
         .expect("spawn scimsync run")
-}
-
-fn jsonl(records: &[Record]) -> String {
-    records
-        .iter()
-        .map(|r| match r {
-            Record::User(u) => export_user(u).to_string() + "\n",
-            Record::Group(g) => export_group(g).to_string() + "\n",
-            _ => String::new(),
-        })
-        .collect()
 }
 
 /// SIGTERM through kill(1), then the exit status must be 0 within the shutdown timeout.

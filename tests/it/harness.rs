@@ -101,14 +101,7 @@ impl Env {
         let sandbox = sandbox::start(opts).await.expect("sandbox");
         let mut target = TargetConfig::new("sandbox", &sandbox.url, Some(TOKEN.into()));
         target.mappings = dir.path().join("mappings");
-        for (kind, (name, text)) in [
-            ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-            ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-        ] {
-            let d = target.mappings.join(kind);
-            std::fs::create_dir_all(&d).expect("mappings dir");
-            std::fs::write(d.join(name), text).expect("write mapping");
-        }
+        write_default_mappings(dir.path());
         Some(Env {
             store,
             sandbox,
@@ -220,6 +213,31 @@ impl Env {
             drop_database(name).await;
         }
     }
+}
+
+/// Writes the shipped default mappings into `dir/mappings`; returns that folder.
+pub fn write_default_mappings(dir: &std::path::Path) -> PathBuf {
+    let mappings = dir.join("mappings");
+    for (kind, (name, text)) in [
+        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
+        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
+    ] {
+        std::fs::create_dir_all(mappings.join(kind)).expect("mappings dir");
+        std::fs::write(mappings.join(kind).join(name), text).expect("write mapping");
+    }
+    mappings
+}
+
+/// Directory records as import JSON Lines.
+pub fn jsonl(records: &[Record]) -> String {
+    records
+        .iter()
+        .map(|r| match r {
+            Record::User(u) => scimsync::directory::export_user(u).to_string() + "\n",
+            Record::Group(g) => scimsync::directory::export_group(g).to_string() + "\n",
+            _ => String::new(),
+        })
+        .collect()
 }
 
 /// (method, path) of each request, for exact comparisons.

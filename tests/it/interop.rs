@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use scimsync::directory::{Record, export_group, export_user, sample};
+use scimsync::directory::sample;
 use serde_json::{Value, json};
 
-use crate::harness::{Db, Env};
+use crate::harness::{Db, Env, jsonl};
 use crate::on_both_databases;
 
 const TOKEN: &str = "interop-token";
@@ -93,17 +93,6 @@ impl Server {
         let v: Value = r.json().await.expect("JSON");
         v["Resources"].as_array().cloned().unwrap_or_default()
     }
-}
-
-fn jsonl(records: &[Record]) -> String {
-    records
-        .iter()
-        .map(|r| match r {
-            Record::User(u) => export_user(u).to_string() + "\n",
-            Record::Group(g) => export_group(g).to_string() + "\n",
-            _ => String::new(),
-        })
-        .collect()
 }
 
 async fn scim2_server_full_sync_converges(db: Db) {

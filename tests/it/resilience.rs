@@ -4,23 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use scimsync::directory::{Record, export_group, export_user, sample};
+use scimsync::directory::sample;
 use scimsync::sandbox::{Faults, SandboxOptions};
 use scimsync::sync::SyncOptions;
 
-use crate::harness::{Db, Env, TOKEN};
+use crate::harness::{Db, Env, TOKEN, jsonl};
 use crate::on_both_databases;
-
-fn jsonl(records: &[Record]) -> String {
-    records
-        .iter()
-        .map(|r| match r {
-            Record::User(u) => export_user(u).to_string() + "\n",
-            Record::Group(g) => export_group(g).to_string() + "\n",
-            _ => String::new(),
-        })
-        .collect()
-}
 
 /// Each successful create at most once per object: no duplicate was ever made.
 fn assert_no_double_create(env: &Env) {
@@ -196,14 +185,7 @@ on_both_databases!(
 );
 
 fn write_config(dir: &std::path::Path, db_url: &str, sandbox_url: &str) -> std::path::PathBuf {
-    let mappings = dir.join("mappings");
-    for (kind, (name, body)) in [
-        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
-        std::fs::write(mappings.join(kind).join(name), body).expect("write");
-    }
+    crate::harness::write_default_mappings(dir);
     let text = format!(
         "[database]\nurl = \"{db_url}\"\n\n[worker]\nfull_sync_cron = \"0 0 0 1 1 *\"\nlisten = \"127.0.0.1:0\"\nevent_poll_interval_ms = 50\njob_lease = 3\n\n[[target]]\nname = \"sandbox\"\nurl = \"{sandbox_url}\"\nmappings = \"mappings\"\nexclude_service_accounts = false\nmax_deletions = \"100%\"\n[target.auth]\ntoken = \"{TOKEN}\"\n"
     );

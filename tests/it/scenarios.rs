@@ -507,19 +507,7 @@ async fn small_batches_cover_everything(db: Db) {
     let Some(env) = Env::new(db, "small_batches_cover_everything").await else {
         return;
     };
-    let records = scimsync::directory::sample(57, 7, 9);
-    let lines: String = records
-        .iter()
-        .map(|r| match r {
-            scimsync::directory::Record::User(u) => {
-                scimsync::directory::export_user(u).to_string() + "\n"
-            }
-            scimsync::directory::Record::Group(g) => {
-                scimsync::directory::export_group(g).to_string() + "\n"
-            }
-            _ => String::new(),
-        })
-        .collect();
+    let lines = crate::harness::jsonl(&scimsync::directory::sample(57, 7, 9));
     env.import(&lines).await;
     let s = env
         .sync_with(SyncOptions {
