@@ -5,9 +5,11 @@
 //!     cargo bench --bench sync -- 100000       # any N (M = N/10 groups of 20 members)
 //!     SCIMSYNC_TEST_POSTGRES=postgres://... cargo bench --bench sync   # also PostgreSQL
 //!
-//! Reports: initial full sync wall time and objects/s, requests sent, CPU time per object,
-//! no-op resync time and requests, change → target latency p50/p99 through the daemon, and
-//! peak RSS.
+//! Reports: initial full sync wall time and objects/s, requests sent, scimsync's CPU time per
+//! object (the sink runs on its own thread, whose CPU is not counted), no-op resync time and
+//! requests, change → target latency p50/p99 through the daemon, the throughput against a
+//! target answering in 5 ms as a share of concurrency / latency, and the peak RSS from the
+//! first sync on (the sample directory's generation and import are not counted).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +29,8 @@ use serde_json::json;
 
 #[derive(Default)]
 struct Sink {
+    /// Milliseconds each answer waits (a slow target); 0 answers at once.
+    latency_ms: AtomicU64,
     requests: AtomicU64,
     writes: AtomicU64,
     next_id: AtomicU64,
@@ -41,6 +45,10 @@ async fn sink(
     _body: Bytes,
 ) -> axum::response::Response {
     s.requests.fetch_add(1, Ordering::Relaxed);
+    let latency = s.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
     let path = uri.path().trim_start_matches("/scim/v2").to_string();
     let json_ok = |v: serde_json::Value, code: StatusCode| {
         (
@@ -80,13 +88,57 @@ async fn sink(
     }
 }
 
-fn cpu_seconds() -> f64 {
-    // utime + stime of this process, in clock ticks (100 a second on Linux).
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// utime + stime from a /proc stat file, in seconds (100 clock ticks a second on Linux).
+fn stat_cpu(path: &std::path::Path) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of scimsync: the whole process minus the sink's own thread, so the figure is
+/// what the engine, its database driver and its HTTP client cost.
+fn cpu_seconds() -> f64 {
+    let mut sink = 0.0;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "sink" {
+                sink += stat_cpu(&t.path().join("stat"));
+            }
+        }
+    }
+    stat_cpu(std::path::Path::new("/proc/self/stat")) - sink
+}
+
+/// Resets the peak RSS, so the next reading covers only what follows (not the generation of
+/// the sample directory and its import).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The sink runs on its own thread and runtime, like a separate server process would.
+fn start_sink(state: Arc<Sink>) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("sink".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("sink runtime");
+            rt.block_on(async move {
+                let app = axum::Router::new().fallback(sink).with_state(state);
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send");
+                let _ = axum::serve(listener, app).await;
+            });
+        })
+        .expect("sink thread");
+    rx.recv().expect("sink address")
 }
 
 fn peak_rss_mb() -> f64 {
@@ -123,14 +175,7 @@ async fn bench(db: &str, n: usize) {
     };
     let store = Store::connect(&url).await.expect("database");
     let state = Arc::new(Sink::default());
-    let app = axum::Router::new().fallback(sink).with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = start_sink(state.clone());
     let mappings = dir.path().join("mappings");
     for (kind, (name, text)) in [
         ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
@@ -154,6 +199,7 @@ async fn bench(db: &str, n: usize) {
     store.import(&records, false).await.expect("import");
     let import_s = t.elapsed().as_secs_f64();
     drop(records);
+    reset_peak_rss();
 
     let engine = Engine::new(
         store.clone(),
@@ -238,13 +284,40 @@ async fn bench(db: &str, n: usize) {
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
 
+    // A target that answers in 5 ms: how close does the configured concurrency get to its
+    // bound (concurrency / latency)? A second target name, so everything is created again.
+    state.latency_ms.store(5, Ordering::Relaxed);
+    let mut slow = target.clone();
+    slow.name = "slow".into();
+    let slow_engine = Engine::new(
+        store.clone(),
+        Arc::new(TargetClient::new(&slow).expect("client")),
+        slow.clone(),
+        Arc::new(LiveMappings::load(&slow.mappings).expect("mappings")),
+        SyncOptions {
+            batch_size: 100,
+            trigger: "bench".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (r2, t2) = (state.requests.load(Ordering::Relaxed), Instant::now());
+    let s3 = slow_engine.full_sync(&NoProgress).await.expect("slow sync");
+    let slow_wall = t2.elapsed().as_secs_f64();
+    let slow_requests = (state.requests.load(Ordering::Relaxed) - r2) as f64;
+    assert_eq!(s3.failed, 0);
+    let bound = slow.concurrency as f64 / 0.005;
+    state.latency_ms.store(0, Ordering::Relaxed);
+
     println!(
-        "| {db} | {n} users + {groups} groups | import {import_s:.1} s | full sync {wall:.2} s, {:.0} objects/s, {first_requests} requests, {:.0} µs CPU/object | no-op resync {noop:.2} s, {noop_requests} requests ({} unchanged) | change→target p50 {:.0} ms, p99 {:.0} ms | peak RSS {:.0} MB |",
+        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} | {:.0} MB |",
         objects / wall,
         cpu / objects * 1e6,
         s2.unchanged,
         pct(0.5),
         pct(0.99),
+        slow_requests / slow_wall,
+        slow_requests / slow_wall / bound * 100.0,
         peak_rss_mb()
     );
     store.close().await;
@@ -275,6 +348,10 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    println!(
+        "| database | users + groups | import | full sync | objects/s | requests | scimsync CPU/object | no-op resync / requests | change→target p50 / p99 | 5 ms target, concurrency 32 | peak RSS (sync) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     rt.block_on(async {
         for n in sizes {
             let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,postgres".into());

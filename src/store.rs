@@ -69,6 +69,74 @@ pub struct SyncState {
     pub source_hash: Option<String>,
 }
 
+/// One change to an object's sync state, applied with the rest of its batch by
+/// [`Store::apply_state`].
+#[derive(Debug, Clone)]
+pub enum StateWrite {
+    /// A create about to be sent (no remote id yet): if the process dies before the answer is
+    /// recorded, the next attempt looks for this resource before creating again.
+    Attempt {
+        kind: Kind,
+        local_id: String,
+        resource: String,
+    },
+    /// A successful write: the remote id and exactly what the target now holds.
+    Synced {
+        kind: Kind,
+        local_id: String,
+        remote_id: String,
+        hash: String,
+        resource: String,
+        members: Option<String>,
+        source: Option<String>,
+    },
+    /// A failure: what is known of the remote object stays, and the next attempt is scheduled
+    /// with exponential backoff (30 s doubling, at most an hour, with jitter).
+    Failed {
+        kind: Kind,
+        local_id: String,
+        error: String,
+    },
+}
+
+impl StateWrite {
+    pub fn attempt(kind: Kind, local_id: &str, resource: &Value) -> StateWrite {
+        StateWrite::Attempt {
+            kind,
+            local_id: local_id.to_string(),
+            resource: resource.to_string(),
+        }
+    }
+
+    pub fn synced(kind: Kind, local_id: &str, s: Synced<'_>) -> StateWrite {
+        StateWrite::Synced {
+            kind,
+            local_id: local_id.to_string(),
+            remote_id: s.remote_id.to_string(),
+            hash: s.hash.to_string(),
+            resource: s.resource.to_string(),
+            members: s.members.map(|m| Value::from(m.to_vec()).to_string()),
+            source: s.source.map(str::to_string),
+        }
+    }
+
+    pub fn failed(kind: Kind, local_id: &str, error: &str) -> StateWrite {
+        StateWrite::Failed {
+            kind,
+            local_id: local_id.to_string(),
+            error: error.to_string(),
+        }
+    }
+
+    fn key(&self) -> (Kind, String) {
+        match self {
+            StateWrite::Attempt { kind, local_id, .. }
+            | StateWrite::Synced { kind, local_id, .. }
+            | StateWrite::Failed { kind, local_id, .. } => (*kind, local_id.clone()),
+        }
+    }
+}
+
 /// What the target holds after a successful write.
 #[derive(Debug, Clone, Copy)]
 pub struct Synced<'a> {
@@ -322,14 +390,59 @@ const UPSERT_GROUP: &str = "INSERT INTO groups (id, name, attributes, content_ha
      content_hash = excluded.content_hash, updated_at = excluded.updated_at \
      WHERE groups.content_hash <> excluded.content_hash";
 
+// Multi-row upserts: `multi_row` appends one `($a, $b, ...)` tuple per row.
 const SAVE_SYNCED: &str = "INSERT INTO sync_state (target, kind, local_id, remote_id, \
-     resource_hash, last_resource, members, status, last_error, attempts, updated_at, \
-     source_hash) VALUES ($1, $2, $3, $4, $5, $6, $7, 'synced', NULL, 0, $8, $9) \
-     ON CONFLICT (target, kind, local_id) DO UPDATE SET remote_id = excluded.remote_id, \
-     resource_hash = excluded.resource_hash, last_resource = excluded.last_resource, \
-     source_hash = excluded.source_hash, \
+     resource_hash, last_resource, members, updated_at, source_hash, status, last_error, \
+     attempts) VALUES ";
+const SYNCED_FIXED: &str = ", 'synced', NULL, 0";
+const SAVE_SYNCED_TAIL: &str = " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
+     remote_id = excluded.remote_id, resource_hash = excluded.resource_hash, \
+     last_resource = excluded.last_resource, source_hash = excluded.source_hash, \
      members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
      updated_at = excluded.updated_at, next_attempt_at = NULL";
+
+const SAVE_ATTEMPTS: &str = "INSERT INTO sync_state (target, kind, local_id, last_resource, \
+     updated_at, status, attempts) VALUES ";
+const ATTEMPT_FIXED: &str = ", 'creating', 0";
+const SAVE_ATTEMPTS_TAIL: &str = " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
+     last_resource = excluded.last_resource, updated_at = excluded.updated_at \
+     WHERE sync_state.remote_id IS NULL";
+
+/// Rows per multi-row statement: 9 parameters a row stays far below both databases' limits.
+const STATE_CHUNK: usize = 200;
+
+/// `head` followed by `rows` tuples of `params` numbered placeholders (and `fixed` literal
+/// columns after them), then `tail`.
+fn multi_row(head: &str, rows: usize, params: usize, fixed: &str, tail: &str) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * params * 5);
+    sql.push_str(head);
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for p in 0..params {
+            if p > 0 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", r * params + p + 1);
+        }
+        sql.push_str(fixed);
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
+}
+
+/// Keeps the last write of each object, in their original order.
+fn dedup_last(writes: &mut Vec<StateWrite>) {
+    let mut seen = HashSet::new();
+    let mut kept: Vec<StateWrite> = writes
+        .drain(..)
+        .rev()
+        .filter(|w| seen.insert(w.key()))
+        .collect();
+    kept.reverse();
+    *writes = kept;
+}
 
 const SAVE_FAILED: &str = "INSERT INTO sync_state (target, kind, local_id, status, last_error, \
      attempts, updated_at, next_attempt_at) VALUES ($1, $2, $3, 'failed', $4, 1, $5, $6) \
@@ -745,85 +858,121 @@ impl Store {
         }
     }
 
-    /// Records a successful sync: the remote id and exactly what the target now holds.
-    pub async fn save_synced(
+    /// Applies the state writes of one batch in one transaction: write-ahead records first,
+    /// then successes, then failures (the order one object's writes happen in), each kind as
+    /// few multi-row statements, so a batch costs a handful of round trips, not one per object.
+    pub async fn apply_state(
         &self,
         target: &str,
-        kind: Kind,
-        local_id: &str,
-        synced: Synced<'_>,
+        writes: Vec<StateWrite>,
     ) -> Result<(), StoreError> {
-        let members = synced.members.map(|m| Value::from(m.to_vec()).to_string());
-        on_pool!(self, |p| sqlx::query(SAVE_SYNCED)
-            .bind(target)
-            .bind(kind.as_str())
-            .bind(local_id)
-            .bind(synced.remote_id)
-            .bind(synced.hash)
-            .bind(synced.resource.to_string())
-            .bind(members)
-            .bind(now_ms())
-            .bind(synced.source)
-            .execute(p)
-            .await
-            .map(|_| ()))?;
-        Ok(())
-    }
-
-    /// Records a create about to be sent (no remote id yet): if the process dies before the
-    /// answer is recorded, the next attempt looks for this resource before creating again.
-    pub async fn save_attempt(
-        &self,
-        target: &str,
-        kind: Kind,
-        local_id: &str,
-        resource: &Value,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, |p| sqlx::query(
-            "INSERT INTO sync_state (target, kind, local_id, last_resource, status, attempts, \
-             updated_at) VALUES ($1, $2, $3, $4, 'creating', 0, $5) \
-             ON CONFLICT (target, kind, local_id) DO UPDATE SET \
-             last_resource = excluded.last_resource, updated_at = excluded.updated_at \
-             WHERE sync_state.remote_id IS NULL"
-        )
-        .bind(target)
-        .bind(kind.as_str())
-        .bind(local_id)
-        .bind(resource.to_string())
-        .bind(now_ms())
-        .execute(p)
-        .await
-        .map(|_| ()))?;
-        Ok(())
-    }
-
-    /// Records a failure, keeping whatever is known of the remote object, and schedules the
-    /// next attempt with exponential backoff (30 s doubling, at most an hour, with jitter).
-    pub async fn save_failed(
-        &self,
-        target: &str,
-        kind: Kind,
-        local_id: &str,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        let attempts = self
-            .state(target, kind, local_id)
-            .await?
-            .filter(|s| s.status == "failed")
-            .map_or(0, |s| s.attempts);
+        if writes.is_empty() {
+            return Ok(());
+        }
         let now = now_ms();
-        let next = now + retry_delay_ms(attempts, local_id);
-        on_pool!(self, |p| sqlx::query(SAVE_FAILED)
-            .bind(target)
-            .bind(kind.as_str())
-            .bind(local_id)
-            .bind(error)
-            .bind(now)
-            .bind(next)
-            .execute(p)
-            .await
-            .map(|_| ()))?;
-        Ok(())
+        let mut attempts = Vec::new();
+        let mut synced = Vec::new();
+        let mut failed = Vec::new();
+        for w in writes {
+            match w {
+                StateWrite::Attempt { .. } => attempts.push(w),
+                StateWrite::Synced { .. } => synced.push(w),
+                StateWrite::Failed { .. } => failed.push(w),
+            }
+        }
+        // One row may appear once per statement (PostgreSQL refuses to upsert a row twice in
+        // one statement): the last write of an object wins, as it would one at a time.
+        dedup_last(&mut attempts);
+        dedup_last(&mut synced);
+        on_pool!(self, |pool| async {
+            let mut tx = pool.begin().await?;
+            for chunk in attempts.chunks(STATE_CHUNK) {
+                let sql = multi_row(
+                    SAVE_ATTEMPTS,
+                    chunk.len(),
+                    5,
+                    ATTEMPT_FIXED,
+                    SAVE_ATTEMPTS_TAIL,
+                );
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for w in chunk {
+                    if let StateWrite::Attempt {
+                        kind,
+                        local_id,
+                        resource,
+                    } = w
+                    {
+                        q = q
+                            .bind(target)
+                            .bind(kind.as_str())
+                            .bind(local_id)
+                            .bind(resource)
+                            .bind(now);
+                    }
+                }
+                q.execute(&mut *tx).await?;
+            }
+            for chunk in synced.chunks(STATE_CHUNK) {
+                let sql = multi_row(SAVE_SYNCED, chunk.len(), 9, SYNCED_FIXED, SAVE_SYNCED_TAIL);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                for w in chunk {
+                    if let StateWrite::Synced {
+                        kind,
+                        local_id,
+                        remote_id,
+                        hash,
+                        resource,
+                        members,
+                        source,
+                    } = w
+                    {
+                        q = q
+                            .bind(target)
+                            .bind(kind.as_str())
+                            .bind(local_id)
+                            .bind(remote_id)
+                            .bind(hash)
+                            .bind(resource)
+                            .bind(members)
+                            .bind(now)
+                            .bind(source);
+                    }
+                }
+                q.execute(&mut *tx).await?;
+            }
+            // Failures are few; each needs its own backoff from its earlier attempts.
+            for w in &failed {
+                if let StateWrite::Failed {
+                    kind,
+                    local_id,
+                    error,
+                } = w
+                {
+                    let before: Option<(Option<i64>,)> = sqlx::query_as(
+                        "SELECT attempts FROM sync_state WHERE target = $1 AND kind = $2 \
+                         AND local_id = $3 AND status = 'failed'",
+                    )
+                    .bind(target)
+                    .bind(kind.as_str())
+                    .bind(local_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let attempts = before.and_then(|(a,)| a).unwrap_or(0);
+                    sqlx::query(SAVE_FAILED)
+                        .bind(target)
+                        .bind(kind.as_str())
+                        .bind(local_id)
+                        .bind(error)
+                        .bind(now)
+                        .bind(now + retry_delay_ms(attempts, local_id))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(())
+        }
+        .await)
     }
 
     /// Marks a provisioned object as leaving the target: it is no group's member any more and

@@ -35,7 +35,7 @@ enum Leaving {
     Store,
 }
 
-use crate::store::{Job, Member, RunCounts, Store, StoreError, SyncState, Synced};
+use crate::store::{Job, Member, RunCounts, StateWrite, Store, StoreError, SyncState, Synced};
 use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
 pub use discover::discover;
 use ops::{MemberPolicy, patch_requests};
@@ -104,6 +104,9 @@ pub struct ObjectReport {
     pub planned: Vec<PlannedRequest>,
     #[serde(skip)]
     state: Option<SyncState>,
+    /// State changes not yet recorded: the batch records them together.
+    #[serde(skip)]
+    writes: Vec<StateWrite>,
 }
 
 impl Serialize for Kind {
@@ -229,6 +232,10 @@ struct Work {
     planned: Vec<PlannedRequest>,
     /// What the resource is made from (recorded with it, to skip it next time).
     source: Option<String>,
+    /// State changes for the batch to record once the object is done.
+    writes: Vec<StateWrite>,
+    /// The write-ahead record of this create was recorded with its batch's.
+    attempt_recorded: bool,
 }
 
 impl Work {
@@ -243,6 +250,50 @@ type Fail = String;
 
 fn tfail(e: TargetError) -> Fail {
     e.to_string()
+}
+
+/// One object of a batch after the work that needs no I/O: either done (unchanged, skipped,
+/// failed mapping) or ready to be sent.
+enum Step {
+    Done(ObjectReport),
+    Send(Box<Prepared>),
+}
+
+/// An object mapped and validated (or a group whose members alone moved), ready to send.
+struct Prepared {
+    kind: Kind,
+    id: String,
+    w: Work,
+    state: Option<SyncState>,
+    plan: Plan,
+}
+
+enum Plan {
+    /// The mapped resource: create it, or bring the remote object to it.
+    Resource {
+        desired: Value,
+        hash: String,
+        members: Option<Vec<String>>,
+    },
+    /// A group that maps as before: only its members are sent.
+    Members(Vec<String>),
+}
+
+impl Prepared {
+    /// The write-ahead record this object needs before its POST, if it is a first create
+    /// (one attempted before is looked for first, and recorded only then).
+    fn attempt(&mut self) -> Option<StateWrite> {
+        let Plan::Resource { desired, .. } = &self.plan else {
+            return None;
+        };
+        let state = self.state.as_ref();
+        let first_create = state.is_none_or(|s| s.remote_id.is_none() && s.last_resource.is_none());
+        if !first_create {
+            return None;
+        }
+        self.w.attempt_recorded = true;
+        Some(StateWrite::attempt(self.kind, &self.id, desired))
+    }
 }
 
 impl Engine {
@@ -594,11 +645,11 @@ impl Engine {
             let Some((last, _)) = batch.last() else { break };
             after = last.id.clone();
             let n = batch.len() as u64;
-            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
-                .map(|(u, s)| self.sync_user(u, s))
-                .buffer_unordered(self.cfg.concurrency)
-                .collect()
-                .await;
+            let steps = batch
+                .into_iter()
+                .map(|(u, s)| self.prepare_user(u, s))
+                .collect();
+            let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
         }
@@ -643,11 +694,11 @@ impl Engine {
                 Leaving::Memory { users, .. } => users,
                 Leaving::Store => &no_one,
             };
-            let reports: Vec<ObjectReport> = futures::stream::iter(batch)
-                .map(|(g, m, s)| self.sync_group(g, m, s, leaving_users))
-                .buffer_unordered(self.cfg.concurrency)
-                .collect()
-                .await;
+            let steps = batch
+                .into_iter()
+                .map(|(g, m, s)| self.prepare_group(g, m, s, leaving_users))
+                .collect();
+            let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
         }
@@ -725,11 +776,12 @@ impl Engine {
         let (groups, users): (Vec<_>, Vec<_>) =
             leaving.into_iter().partition(|(k, _, _)| *k == Kind::Group);
         for phase in [groups, users] {
-            let reports: Vec<ObjectReport> = futures::stream::iter(phase)
+            let mut reports: Vec<ObjectReport> = futures::stream::iter(phase)
                 .map(|(k, id, s)| self.deprovision(k, id, s))
                 .buffer_unordered(self.cfg.concurrency)
                 .collect()
                 .await;
+            self.record(&mut reports).await?;
             for r in reports {
                 summary.add(r);
                 progress.advance(1);
@@ -789,19 +841,16 @@ impl Engine {
             steps: w.steps,
             planned: w.planned,
             state,
+            writes: w.writes,
         }
     }
 
-    async fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
+    /// A failed object; its failure (and retry schedule) is recorded with its batch.
+    fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
         w.step(|| format!("failed: {error}"));
         tracing::debug!(target = %self.cfg.name, %kind, id, error = %error, "object failed");
-        if !self.opts.dry_run
-            && let Err(e) = self
-                .store
-                .save_failed(self.target(), kind, id, &error)
-                .await
-        {
-            tracing::error!(target = %self.cfg.name, %kind, id, error = %e, "cannot record failure");
+        if !self.opts.dry_run {
+            w.writes.push(StateWrite::failed(kind, id, &error));
         }
         self.report(kind, id, w, Action::Failed, error, None)
     }
@@ -850,8 +899,8 @@ impl Engine {
         out
     }
 
-    /// Syncs one user (scope, mapping, validation, create/update).
-    pub async fn sync_user(&self, user: User, state: Option<SyncState>) -> ObjectReport {
+    /// Prepares one user: scope, source hash, mapping and validation (no I/O).
+    fn prepare_user(&self, user: User, state: Option<SyncState>) -> Step {
         let mut w = Work {
             trace: self.opts.trace,
             ..Default::default()
@@ -864,7 +913,7 @@ impl Engine {
         });
         if self.cfg.exclude_service_accounts && user.service_account {
             let why = "service account, and the target excludes service accounts".to_string();
-            return self.out_of_scope(Kind::User, &user.id, w, why, state);
+            return Step::Done(self.out_of_scope(Kind::User, &user.id, w, why, state));
         }
         w.step(|| "scope: in scope".into());
         let source = self.source_hash(&user.content_hash());
@@ -872,31 +921,30 @@ impl Engine {
             w.step(|| {
                 "unchanged since last sent (object, scripts and target settings): not mapped".into()
             });
-            return self.report(
+            return Step::Done(self.report(
                 Kind::User,
                 &user.id,
                 w,
                 Action::Unchanged,
                 "unchanged".into(),
                 None,
-            );
+            ));
         }
         w.source = Some(source);
         let object = serde_json::to_value(&user).unwrap_or(Value::Null);
         let mapped = self.map(Kind::User, &object, &mut w);
-        self.sync_mapped(Kind::User, &user.id, mapped, None, state, w)
-            .await
+        self.prepare_mapped(Kind::User, &user.id, mapped, None, state, w)
     }
 
-    /// Syncs one group; its members are those of its directory members that have a remote id
-    /// and are not leaving the target in this run.
-    pub async fn sync_group(
+    /// Prepares one group; its members are those of its directory members that have a remote
+    /// id and are not leaving the target in this run.
+    fn prepare_group(
         &self,
         group: Group,
         members: Vec<Member>,
         state: Option<SyncState>,
         leaving_users: &HashSet<String>,
-    ) -> ObjectReport {
+    ) -> Step {
         let mut w = Work {
             trace: self.opts.trace,
             ..Default::default()
@@ -915,7 +963,7 @@ impl Engine {
                 .any(|f| *f == group.id || *f == group.name)
         {
             let why = "not in the target's group filter".to_string();
-            return self.out_of_scope(Kind::Group, &group.id, w, why, state);
+            return Step::Done(self.out_of_scope(Kind::Group, &group.id, w, why, state));
         }
         w.step(|| "scope: in scope".into());
         let remote: BTreeSet<String> = members
@@ -927,11 +975,8 @@ impl Engine {
         let source = self.source_hash(&group.content_hash());
         if Self::source_unchanged(state.as_ref(), &source)
             && let Some(s) = state.as_ref()
-            && let (Some(rid), Some(last), Some(hash)) = (
-                s.remote_id.as_deref(),
-                s.last_resource.as_ref(),
-                s.resource_hash.as_deref(),
-            )
+            && s.last_resource.is_some()
+            && s.resource_hash.is_some()
         {
             // The group itself maps as before; only its members may have moved.
             if s.members.as_deref() == Some(remote.as_slice()) {
@@ -939,42 +984,28 @@ impl Engine {
                     "unchanged since last sent (object, scripts, target, members): not mapped"
                         .into()
                 });
-                return self.report(
+                return Step::Done(self.report(
                     Kind::Group,
                     &group.id,
                     w,
                     Action::Unchanged,
                     "unchanged".into(),
                     None,
-                );
+                ));
             }
             w.source = Some(source);
-            let result = self
-                .update(
-                    Kind::Group,
-                    &group.id,
-                    rid,
-                    Some(last),
-                    last,
-                    hash,
-                    s.members.as_deref(),
-                    Some(&remote),
-                    true,
-                    &mut w,
-                )
-                .await;
-            return match result {
-                Ok((action, detail)) => {
-                    self.report(Kind::Group, &group.id, w, action, detail, None)
-                }
-                Err(e) => self.failed(Kind::Group, &group.id, w, e).await,
-            };
+            return Step::Send(Box::new(Prepared {
+                kind: Kind::Group,
+                id: group.id,
+                w,
+                state,
+                plan: Plan::Members(remote),
+            }));
         }
         w.source = Some(source);
         let object = serde_json::to_value(&group).unwrap_or(Value::Null);
         let mapped = self.map(Kind::Group, &object, &mut w);
-        self.sync_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
-            .await
+        self.prepare_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
     }
 
     fn out_of_scope(
@@ -994,7 +1025,8 @@ impl Engine {
         }
     }
 
-    async fn sync_mapped(
+    /// Checks a mapped resource (RFC 7643, the compatibility profile, the target's schemas).
+    fn prepare_mapped(
         &self,
         kind: Kind,
         id: &str,
@@ -1002,16 +1034,16 @@ impl Engine {
         members: Option<Vec<String>>,
         state: Option<SyncState>,
         mut w: Work,
-    ) -> ObjectReport {
+    ) -> Step {
         let mut desired = match mapped {
             Ok(MapOutcome::Resource(doc)) => doc,
             Ok(MapOutcome::Skip { script, reason }) => {
                 let why = format!("skipped by {script}: {reason}");
-                return self.out_of_scope(kind, id, w, why, state);
+                return Step::Done(self.out_of_scope(kind, id, w, why, state));
             }
             Err(e) => {
                 let msg = format!("mapping of {kind} {id} for target {}: {e}", self.target());
-                return self.failed(kind, id, w, msg).await;
+                return Step::Done(self.failed(kind, id, w, msg));
             }
         };
         if kind == Kind::User && self.profile.single_valued {
@@ -1020,7 +1052,7 @@ impl Engine {
         w.step(|| format!("mapping: {desired}"));
         if let Err(violations) = scim::validate(kind, &desired) {
             let msg = format!("invalid {kind} resource: {}", violations.join("; "));
-            return self.failed(kind, id, w, msg).await;
+            return Step::Done(self.failed(kind, id, w, msg));
         }
         if kind == Kind::User && self.profile.require_user_names {
             let missing = ops::missing_names(&desired);
@@ -1030,7 +1062,7 @@ impl Engine {
                     self.profile.mode,
                     missing.join(", ")
                 );
-                return self.failed(kind, id, w, msg).await;
+                return Step::Done(self.failed(kind, id, w, msg));
             }
         }
         if let Some(ts) = &self.target_schemas {
@@ -1041,7 +1073,7 @@ impl Engine {
                         "{kind} resource does not fit the target's /Schemas: {}",
                         undeclared.join("; ")
                     );
-                    return self.failed(kind, id, w, msg).await;
+                    return Step::Done(self.failed(kind, id, w, msg));
                 }
                 let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
                 for u in &undeclared {
@@ -1054,23 +1086,79 @@ impl Engine {
         }
         w.step(|| "validation: valid".into());
         let hash = hash_json(&desired);
-        let result = match state.as_ref().and_then(|s| s.remote_id.clone()) {
+        Step::Send(Box::new(Prepared {
+            kind,
+            id: id.to_string(),
+            w,
+            state,
+            plan: Plan::Resource {
+                desired,
+                hash,
+                members,
+            },
+        }))
+    }
+
+    /// Sends what a prepared object needs: a create, an update, or nothing.
+    async fn send(&self, p: Prepared) -> ObjectReport {
+        let Prepared {
+            kind,
+            id,
+            mut w,
+            state,
+            plan,
+        } = p;
+        let s = state.unwrap_or_default();
+        let (desired, hash, members) = match plan {
+            Plan::Members(members) => {
+                // Checked when prepared: the group was sent before and maps as before.
+                let (Some(rid), Some(last), Some(hash)) = (
+                    s.remote_id.as_deref(),
+                    s.last_resource.as_ref(),
+                    s.resource_hash.as_deref(),
+                ) else {
+                    return self.failed(kind, &id, w, "incomplete state".into());
+                };
+                let result = self
+                    .update(
+                        kind,
+                        &id,
+                        rid,
+                        Some(last),
+                        last,
+                        hash,
+                        s.members.as_deref(),
+                        Some(&members),
+                        true,
+                        &mut w,
+                    )
+                    .await;
+                return match result {
+                    Ok((action, detail)) => self.report(kind, &id, w, action, detail, None),
+                    Err(e) => self.failed(kind, &id, w, e),
+                };
+            }
+            Plan::Resource {
+                desired,
+                hash,
+                members,
+            } => (desired, hash, members),
+        };
+        let result = match s.remote_id.clone() {
             None => {
                 // An earlier attempt may have created it and died before recording the id.
-                let attempted = state.as_ref().and_then(|s| s.last_resource.as_ref());
                 self.create(
                     kind,
-                    id,
+                    &id,
                     &desired,
                     &hash,
                     members.as_deref(),
-                    attempted,
+                    s.last_resource.as_ref(),
                     &mut w,
                 )
                 .await
             }
             Some(rid) => {
-                let s = state.as_ref().cloned().unwrap_or_default();
                 let same_members = members.is_none() || s.members.as_deref() == members.as_deref();
                 if s.status == "synced" && s.resource_hash.as_deref() == Some(&hash) && same_members
                 {
@@ -1082,7 +1170,7 @@ impl Engine {
                     w.step(|| format!("match: remote id {rid} (recorded)"));
                     self.update(
                         kind,
-                        id,
+                        &id,
                         &rid,
                         s.last_resource.as_ref(),
                         &desired,
@@ -1099,10 +1187,65 @@ impl Engine {
         match result {
             Ok((action, detail)) => {
                 w.step(|| format!("result: {detail}"));
-                self.report(kind, id, w, action, detail, None)
+                self.report(kind, &id, w, action, detail, None)
             }
-            Err(e) => self.failed(kind, id, w, e).await,
+            Err(e) => self.failed(kind, &id, w, e),
         }
+    }
+
+    /// Records the write-ahead records of a batch's first creates in one statement.
+    async fn record_attempts(&self, steps: &mut [Step]) -> Result<(), SyncError> {
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let attempts: Vec<StateWrite> = steps
+            .iter_mut()
+            .filter_map(|s| match s {
+                Step::Send(p) => p.attempt(),
+                Step::Done(_) => None,
+            })
+            .collect();
+        self.store.apply_state(self.target(), attempts).await?;
+        Ok(())
+    }
+
+    async fn finish(&self, step: Step) -> ObjectReport {
+        match step {
+            Step::Done(r) => r,
+            Step::Send(p) => self.send(*p).await,
+        }
+    }
+
+    /// Records what a batch's objects left to record, in one transaction.
+    async fn record(&self, reports: &mut [ObjectReport]) -> Result<(), SyncError> {
+        let writes: Vec<StateWrite> = reports
+            .iter_mut()
+            .flat_map(|r| std::mem::take(&mut r.writes))
+            .collect();
+        self.store.apply_state(self.target(), writes).await?;
+        Ok(())
+    }
+
+    /// Syncs one batch: write-ahead records for its creates in one statement, its objects sent
+    /// with the target's concurrency, their outcomes recorded in one transaction.
+    async fn run_batch(&self, mut steps: Vec<Step>) -> Result<Vec<ObjectReport>, SyncError> {
+        self.record_attempts(&mut steps).await?;
+        let mut reports: Vec<ObjectReport> = futures::stream::iter(steps)
+            .map(|s| self.finish(s))
+            .buffer_unordered(self.cfg.concurrency)
+            .collect()
+            .await;
+        self.record(&mut reports).await?;
+        Ok(reports)
+    }
+
+    /// A batch of one (the event consumer, `sync --user`).
+    async fn run_one(&self, mut step: Step) -> Result<ObjectReport, SyncError> {
+        self.record_attempts(std::slice::from_mut(&mut step))
+            .await?;
+        let mut report = self.finish(step).await;
+        self.record(std::slice::from_mut(&mut report)).await?;
+        Ok(report)
     }
 
     fn plan(&self, w: &mut Work, method: &str, path: String, body: Option<Value>) {
@@ -1154,11 +1297,15 @@ impl Engine {
                     .await;
             }
         }
-        // Write-ahead: record what is about to be created, so a crash after the POST is found.
-        self.store
-            .save_attempt(self.target(), kind, id, desired)
-            .await
-            .map_err(|e| e.to_string())?;
+        // Write-ahead: record what is about to be created, so a crash after the POST is found
+        // (usually done already, for the whole batch at once).
+        if !w.attempt_recorded {
+            let attempt = vec![StateWrite::attempt(kind, id, desired)];
+            self.store
+                .apply_state(self.target(), attempt)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
         if kind == Kind::Group
             && self.eff.filter
@@ -1343,21 +1490,14 @@ impl Engine {
         match sent {
             Ok(()) => {
                 if !self.opts.dry_run {
-                    self.store
-                        .save_synced(
-                            self.target(),
-                            kind,
-                            id,
-                            Synced {
-                                remote_id: rid,
-                                hash,
-                                resource: desired,
-                                members,
-                                source: w.source.as_deref(),
-                            },
-                        )
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let synced = Synced {
+                        remote_id: rid,
+                        hash,
+                        resource: desired,
+                        members,
+                        source: w.source.as_deref(),
+                    };
+                    w.writes.push(StateWrite::synced(kind, id, synced));
                 }
                 let verb = if self.opts.dry_run {
                     "would update"
@@ -1488,10 +1628,7 @@ impl Engine {
                     members: first,
                     source: None,
                 };
-                self.store
-                    .save_synced(self.target(), kind, id, synced)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                w.writes.push(StateWrite::synced(kind, id, synced));
                 return Err(format!(
                     "created as {rid}, but adding the other members failed: {e}"
                 ));
@@ -1504,10 +1641,7 @@ impl Engine {
             members,
             source: w.source.as_deref(),
         };
-        self.store
-            .save_synced(self.target(), kind, id, synced)
-            .await
-            .map_err(|e| e.to_string())?;
+        w.writes.push(StateWrite::synced(kind, id, synced));
         Ok(Ok((Action::Created, format!("created as {rid}"))))
     }
 
@@ -1559,12 +1693,12 @@ impl Engine {
         match res {
             Ok(()) => {}
             Err(e) if e.status() == Some(404) => {}
-            Err(e) => return self.failed(kind, &id, w, tfail(e)).await,
+            Err(e) => return self.failed(kind, &id, w, tfail(e)),
         }
         if !self.opts.dry_run
             && let Err(e) = self.store.delete_state(self.target(), kind, &id).await
         {
-            return self.failed(kind, &id, w, e.to_string()).await;
+            return self.failed(kind, &id, w, e.to_string());
         }
         let verb = match (self.opts.dry_run, deactivate) {
             (true, true) => "would deactivate",
@@ -1581,19 +1715,21 @@ impl Engine {
     /// Provisions one user now (for `sync --user`), with a step-by-step trace.
     pub async fn sync_one(&self, kind: Kind, id: &str) -> Result<ObjectReport, SyncError> {
         let target = self.target().to_string();
-        let report = match kind {
+        let step = match kind {
             Kind::User => match self.store.user(&target, id).await? {
-                Some((u, s)) => self.sync_user(u, s).await,
-                None => self.sync_gone(kind, id).await?,
+                Some((u, s)) => self.prepare_user(u, s),
+                None => return self.sync_gone(kind, id).await,
             },
             Kind::Group => match self.store.group(&target, id).await? {
-                Some((g, m, s)) => self.sync_group(g, m, s, &HashSet::new()).await,
-                None => self.sync_gone(kind, id).await?,
+                Some((g, m, s)) => self.prepare_group(g, m, s, &HashSet::new()),
+                None => return self.sync_gone(kind, id).await,
             },
         };
+        let report = self.run_one(step).await?;
         if report.action == Action::OutOfScope {
             let state = report.state.clone().unwrap_or_default();
             let mut d = self.deprovision(kind, id.to_string(), state).await;
+            self.record(std::slice::from_mut(&mut d)).await?;
             let mut steps = report.steps;
             steps.append(&mut d.steps);
             d.steps = steps;
@@ -1611,6 +1747,7 @@ impl Engine {
         match self.store.state(self.target(), kind, id).await? {
             Some(s) if s.remote_id.is_some() => {
                 let mut d = self.deprovision(kind, id.to_string(), s).await;
+                self.record(std::slice::from_mut(&mut d)).await?;
                 w.steps.append(&mut d.steps);
                 d.steps = w.steps;
                 Ok(d)
