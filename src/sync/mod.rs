@@ -256,7 +256,7 @@ fn tfail(e: TargetError) -> Fail {
 /// failed mapping) or ready to be sent.
 enum Step {
     Done(ObjectReport),
-    Send(Box<Prepared>),
+    Send(Prepared),
 }
 
 /// An object mapped and validated (or a group whose members alone moved), ready to send.
@@ -994,13 +994,13 @@ impl Engine {
                 ));
             }
             w.source = Some(source);
-            return Step::Send(Box::new(Prepared {
+            return Step::Send(Prepared {
                 kind: Kind::Group,
                 id: group.id,
                 w,
                 state,
                 plan: Plan::Members(remote),
-            }));
+            });
         }
         w.source = Some(source);
         let object = serde_json::to_value(&group).unwrap_or(Value::Null);
@@ -1086,7 +1086,7 @@ impl Engine {
         }
         w.step(|| "validation: valid".into());
         let hash = hash_json(&desired);
-        Step::Send(Box::new(Prepared {
+        Step::Send(Prepared {
             kind,
             id: id.to_string(),
             w,
@@ -1096,7 +1096,7 @@ impl Engine {
                 hash,
                 members,
             },
-        }))
+        })
     }
 
     /// Sends what a prepared object needs: a create, an update, or nothing.
@@ -1212,7 +1212,7 @@ impl Engine {
     async fn finish(&self, step: Step) -> ObjectReport {
         match step {
             Step::Done(r) => r,
-            Step::Send(p) => self.send(*p).await,
+            Step::Send(p) => self.send(p).await,
         }
     }
 
