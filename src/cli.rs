@@ -281,6 +281,7 @@ async fn with_store(command: Command, cfg: &Config, store: &Store) -> Result<Exi
                 trace: !args.what.full,
                 trigger: "cli".into(),
                 job_lease_ms: lease_ms(cfg),
+                workers: cfg.worker.workers,
             };
             let targets = select_targets(cfg, args.target.as_deref())?;
             if args.what.full {

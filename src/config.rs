@@ -104,7 +104,7 @@ fn default_lease() -> Seconds {
     Seconds(30)
 }
 fn default_workers() -> usize {
-    2
+    4
 }
 fn default_shutdown() -> Seconds {
     Seconds(30)

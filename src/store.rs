@@ -409,11 +409,19 @@ const SAVE_ATTEMPTS_TAIL: &str = " ON CONFLICT (target, kind, local_id) DO UPDAT
      WHERE sync_state.remote_id IS NULL";
 
 /// Rows per multi-row statement: 9 parameters a row stays far below both databases' limits.
-const STATE_CHUNK: usize = 200;
+const STATE_CHUNK: usize = 100;
 
-/// `head` followed by `rows` tuples of `params` numbered placeholders (and `fixed` literal
-/// columns after them), then `tail`.
-fn multi_row(head: &str, rows: usize, params: usize, fixed: &str, tail: &str) -> String {
+/// `head` followed by `rows` tuples of `params` placeholders (and `fixed` literal columns
+/// after them), then `tail`. SQLite gets anonymous `?`: it looks numbered ones up by a linear
+/// scan per parameter, which costs quadratic time in a statement of a thousand parameters.
+fn multi_row(
+    numbered: bool,
+    head: &str,
+    rows: usize,
+    params: usize,
+    fixed: &str,
+    tail: &str,
+) -> String {
     use std::fmt::Write;
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * params * 5);
     sql.push_str(head);
@@ -423,7 +431,11 @@ fn multi_row(head: &str, rows: usize, params: usize, fixed: &str, tail: &str) ->
             if p > 0 {
                 sql.push_str(", ");
             }
-            let _ = write!(sql, "${}", r * params + p + 1);
+            if numbered {
+                let _ = write!(sql, "${}", r * params + p + 1);
+            } else {
+                sql.push('?');
+            }
         }
         sql.push_str(fixed);
         sql.push(')');
@@ -884,10 +896,12 @@ impl Store {
         // one statement): the last write of an object wins, as it would one at a time.
         dedup_last(&mut attempts);
         dedup_last(&mut synced);
+        let numbered = self.backend_name() == "postgres";
         on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             for chunk in attempts.chunks(STATE_CHUNK) {
                 let sql = multi_row(
+                    numbered,
                     SAVE_ATTEMPTS,
                     chunk.len(),
                     5,
@@ -913,7 +927,14 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
             for chunk in synced.chunks(STATE_CHUNK) {
-                let sql = multi_row(SAVE_SYNCED, chunk.len(), 9, SYNCED_FIXED, SAVE_SYNCED_TAIL);
+                let sql = multi_row(
+                    numbered,
+                    SAVE_SYNCED,
+                    chunk.len(),
+                    9,
+                    SYNCED_FIXED,
+                    SAVE_SYNCED_TAIL,
+                );
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
                 for w in chunk {
                     if let StateWrite::Synced {

@@ -57,6 +57,8 @@ pub struct SyncOptions {
     pub trigger: String,
     /// How long a claimed batch job stays claimed without renewal (0: the default).
     pub job_lease_ms: i64,
+    /// Batches of a full sync worked at the same time by this process (0: 4).
+    pub workers: usize,
 }
 
 /// A request a dry run would have sent.
@@ -324,6 +326,9 @@ impl Engine {
         if opts.job_lease_ms <= 0 {
             opts.job_lease_ms = JOB_LEASE_MS;
         }
+        if opts.workers == 0 {
+            opts.workers = 4;
+        }
         Engine {
             store,
             client,
@@ -426,35 +431,67 @@ impl Engine {
             std::process::id(),
             uuid::Uuid::new_v4().simple()
         );
-        let mut phase = -1;
+        // Several batches at once: while one batch waits for its slowest request, the next
+        // keeps the target's concurrency busy.
+        let phase = std::sync::Mutex::new(-1);
+        let finished = tokio::sync::Notify::new();
+        let workers = (0..self.opts.workers.max(1)).map(|i| {
+            let holder = format!("{holder}-{i}");
+            let (phase, finished) = (&phase, &finished);
+            async move {
+                self.work_run(run_id, &holder, progress, phase, finished)
+                    .await
+            }
+        });
+        futures::future::try_join_all(workers).await?;
+        progress.done();
+        self.record_health().await;
+        self.run_summary(run_id).await
+    }
+
+    /// One of this process's workers on a run: claims and works its jobs until none is left.
+    async fn work_run(
+        &self,
+        run_id: i64,
+        holder: &str,
+        progress: &dyn Progress,
+        phase: &std::sync::Mutex<i64>,
+        finished: &tokio::sync::Notify,
+    ) -> Result<(), SyncError> {
         loop {
             if let Some(job) = self
                 .store
-                .claim_job(&holder, self.opts.job_lease_ms, Some(run_id))
+                .claim_job(holder, self.opts.job_lease_ms, Some(run_id))
                 .await?
             {
-                if job.phase != phase {
-                    phase = job.phase;
-                    let (name, total) = match phase {
+                let new_phase = {
+                    let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
+                    let new = job.phase > *p;
+                    if new {
+                        *p = job.phase;
+                    }
+                    new
+                };
+                if new_phase {
+                    let (name, total) = match job.phase {
                         0 => ("users", self.store.count(Kind::User).await? as u64),
                         1 => ("groups", self.store.count(Kind::Group).await? as u64),
                         _ => ("deprovision", 0),
                     };
                     progress.phase(self.target(), name, total);
                 }
-                self.work_job(&job, &holder, progress).await?;
+                let worked = self.work_job(&job, holder, progress).await;
+                finished.notify_waiters();
+                worked?;
                 continue;
             }
-            let pending = self.store.run_pending(run_id).await?;
-            if pending == 0 {
-                break;
+            if self.store.run_pending(run_id).await? == 0 {
+                return Ok(());
             }
-            // Other workers hold the rest; a dead one's lease expires and its job comes back.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The rest is held by this process's other workers (the next phase waits for
+            // them) or by other processes; a dead one's lease expires and its job comes back.
+            let _ = tokio::time::timeout(Duration::from_millis(200), finished.notified()).await;
         }
-        progress.done();
-        self.record_health().await;
-        self.run_summary(run_id).await
     }
 
     /// The summary of a run from its jobs' results (and its record once complete).
@@ -527,7 +564,19 @@ impl Engine {
 
     /// One batch of a run: a range of users, a range of groups, or the deprovisioning.
     async fn run_job(&self, job: &Job, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
-        let before = (self.client.stats.total(), self.client.stats.writes());
+        let (part, requests, writes) =
+            crate::target::counting(self.run_job_phase(job, progress)).await;
+        let mut part = part?;
+        part.requests = requests;
+        part.writes = writes;
+        Ok(part)
+    }
+
+    async fn run_job_phase(
+        &self,
+        job: &Job,
+        progress: &dyn Progress,
+    ) -> Result<RunSummary, SyncError> {
         let mut part = RunSummary {
             target: self.target().to_string(),
             run_id: Some(job.run_id),
@@ -561,8 +610,6 @@ impl Engine {
                     .await?;
             }
         }
-        part.requests = self.client.stats.total().saturating_sub(before.0);
-        part.writes = self.client.stats.writes().saturating_sub(before.1);
         Ok(part)
     }
 

@@ -100,8 +100,30 @@ pub struct RequestStats {
     pub delete: AtomicU64,
 }
 
+tokio::task_local! {
+    /// Requests sent by the future run through [`counting`]: (all, writes).
+    static COUNTED: std::cell::Cell<(u64, u64)>;
+}
+
+/// Runs `f` and counts the requests it sends itself, whatever else the process sends at the
+/// same time (several batches of one run may be worked at once).
+pub async fn counting<F: std::future::Future>(f: F) -> (F::Output, u64, u64) {
+    COUNTED
+        .scope(std::cell::Cell::new((0, 0)), async move {
+            let out = f.await;
+            let (all, writes) = COUNTED.with(std::cell::Cell::get);
+            (out, all, writes)
+        })
+        .await
+}
+
 impl RequestStats {
     fn count(&self, m: &Method) {
+        let write = u64::from(*m != Method::GET);
+        let _ = COUNTED.try_with(|c| {
+            let (all, writes) = c.get();
+            c.set((all + 1, writes + write));
+        });
         let c = match *m {
             Method::POST => &self.post,
             Method::PUT => &self.put,
