@@ -6,7 +6,8 @@
 //!     SCIMSYNC_TEST_POSTGRES=postgres://... cargo bench --bench sync   # also PostgreSQL
 //!
 //! Reports: initial full sync wall time and objects/s, requests sent, scimsync's CPU time per
-//! object (the sink runs on its own thread, whose CPU is not counted), no-op resync time and
+//! object (the sink runs on its own thread, whose CPU is not counted), the same with
+//! `bulk = true` (the sink takes /Bulk, 1,000 operations a request), no-op resync time and
 //! requests, change → target latency p50/p99 through the daemon, the throughput against a
 //! target answering in 5 ms as a share of concurrency / latency, and the peak RSS from the
 //! first sync on (the sample directory's generation and import are not counted).
@@ -31,6 +32,8 @@ use serde_json::json;
 struct Sink {
     /// Milliseconds each answer waits (a slow target); 0 answers at once.
     latency_ms: AtomicU64,
+    /// Microseconds the answers actually waited (timers are coarser than 5 ms).
+    waited_us: AtomicU64,
     requests: AtomicU64,
     writes: AtomicU64,
     next_id: AtomicU64,
@@ -47,7 +50,10 @@ async fn sink(
     s.requests.fetch_add(1, Ordering::Relaxed);
     let latency = s.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
+        let t = Instant::now();
         tokio::time::sleep(Duration::from_millis(latency)).await;
+        s.waited_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
     let path = uri.path().trim_start_matches("/scim/v2").to_string();
     let json_ok = |v: serde_json::Value, code: StatusCode| {
@@ -60,9 +66,35 @@ async fn sink(
     };
     match (method, path.as_str()) {
         (Method::GET, "/ServiceProviderConfig") => json_ok(
-            json!({"patch":{"supported":true},"filter":{"supported":true,"maxResults":200},"bulk":{"supported":false}}),
+            json!({"patch":{"supported":true},"filter":{"supported":true,"maxResults":200},"bulk":{"supported":true,"maxOperations":1000,"maxPayloadSize":1048576}}),
             StatusCode::OK,
         ),
+        (Method::POST, "/Bulk") => {
+            let request: serde_json::Value = serde_json::from_slice(&_body).unwrap_or_default();
+            let ops = request["Operations"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let answers: Vec<serde_json::Value> = ops
+                .iter()
+                .map(|op| {
+                    s.writes.fetch_add(1, Ordering::Relaxed);
+                    let mut a = json!({"method": op["method"], "bulkId": op["bulkId"]});
+                    if op["method"] == "POST" {
+                        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+                        a["status"] = json!("201");
+                        a["location"] = json!(format!("http://sink/scim/v2/Users/r{id}"));
+                    } else {
+                        a["status"] = json!("200");
+                    }
+                    a
+                })
+                .collect();
+            json_ok(
+                json!({"schemas": ["urn:ietf:params:scim:api:messages:2.0:BulkResponse"], "Operations": answers}),
+                StatusCode::OK,
+            )
+        }
         (Method::GET, "/ResourceTypes") => json_ok(
             json!({"Resources":[{"name":"User","endpoint":"/Users"},{"name":"Group","endpoint":"/Groups"}]}),
             StatusCode::OK,
@@ -196,6 +228,8 @@ async fn bench(db: &str, n: usize) {
     target.mappings = mappings;
     target.exclude_service_accounts = false;
     target.concurrency = 32;
+    // For profiling: BENCH_FULL_ONLY=1 BENCH_BULK=1 profiles the bulk path.
+    target.bulk = std::env::var_os("BENCH_BULK").is_some();
 
     let groups = n / 10;
     let t = Instant::now();
@@ -303,6 +337,33 @@ async fn bench(db: &str, n: usize) {
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p) as usize];
 
+    // The same directory to a target taking /Bulk (bulk = true): users go 100 to a request.
+    let mut bulk = target.clone();
+    bulk.name = "bulk".into();
+    bulk.bulk = true;
+    let bulk_engine = Engine::new(
+        store.clone(),
+        Arc::new(TargetClient::new(&bulk).expect("client")),
+        bulk.clone(),
+        Arc::new(LiveMappings::load(&bulk.mappings).expect("mappings")),
+        SyncOptions {
+            batch_size: 100,
+            trigger: "bench".into(),
+            workers: bench_workers(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (rb, cpub, tb) = (
+        state.requests.load(Ordering::Relaxed),
+        cpu_seconds(),
+        Instant::now(),
+    );
+    let sb = bulk_engine.full_sync(&NoProgress).await.expect("bulk sync");
+    let (bulk_wall, bulk_cpu) = (tb.elapsed().as_secs_f64(), cpu_seconds() - cpub);
+    let bulk_requests = state.requests.load(Ordering::Relaxed) - rb;
+    assert_eq!(sb.failed, 0);
+
     // A target that answers in 5 ms: how close does the configured concurrency get to its
     // bound (concurrency / latency)? A second target name, so everything is created again.
     state.latency_ms.store(5, Ordering::Relaxed);
@@ -326,18 +387,22 @@ async fn bench(db: &str, n: usize) {
     let slow_wall = t2.elapsed().as_secs_f64();
     let slow_requests = (state.requests.load(Ordering::Relaxed) - r2) as f64;
     assert_eq!(s3.failed, 0);
-    let bound = slow.concurrency as f64 / 0.005;
+    let waited = state.waited_us.load(Ordering::Relaxed) as f64 / 1e6 / slow_requests;
+    let bound = slow.concurrency as f64 / waited;
     state.latency_ms.store(0, Ordering::Relaxed);
 
     println!(
-        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} | {:.0} MB |",
+        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {bulk_wall:.2} s, {:.0}/s, {bulk_requests} req, {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} ({:.2} ms answers) | {:.0} MB |",
         objects / wall,
         cpu / objects * 1e6,
+        objects / bulk_wall,
+        bulk_cpu / objects * 1e6,
         s2.unchanged,
         pct(0.5),
         pct(0.99),
         slow_requests / slow_wall,
         slow_requests / slow_wall / bound * 100.0,
+        waited * 1000.0,
         peak_rss_mb()
     );
     store.close().await;
@@ -370,9 +435,9 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "| database | users + groups | import | full sync | objects/s | requests | scimsync CPU/object | no-op resync / requests | change→target p50 / p99 | 5 ms target, concurrency 32 | peak RSS (sync) |"
+        "| database | users + groups | import | full sync | objects/s | requests | scimsync CPU/object | full sync with bulk = true | no-op resync / requests | change→target p50 / p99 | 5 ms target, concurrency 32 | peak RSS (sync) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     rt.block_on(async {
         for n in sizes {
             let dbs = std::env::var("BENCH_DBS").unwrap_or_else(|_| "sqlite,postgres".into());

@@ -477,6 +477,10 @@ pub struct TargetConfig {
     /// requests in flight to it from one process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Send a batch's creates and updates in `/Bulk` requests when the target's
+    /// ServiceProviderConfig offers bulk (or `[target.capabilities] bulk = true` says so).
+    #[serde(default)]
+    pub bulk: bool,
     /// Requests a second to this target (shared by every task of the process); unset:
     /// unlimited until the target answers 429, then adapted.
     pub max_requests_per_second: Option<f64>,
@@ -532,6 +536,7 @@ impl TargetConfig {
             capabilities: CapabilityOverrides::default(),
             timeout_seconds: default_timeout(),
             concurrency: default_concurrency(),
+            bulk: false,
             max_requests_per_second: None,
             burst: default_burst(),
             breaker_cooldown: default_cooldown(),

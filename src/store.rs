@@ -42,6 +42,9 @@ enum Backend {
 #[derive(Clone)]
 pub struct Store {
     backend: std::sync::Arc<Backend>,
+    /// SQLite takes one writer at a time and makes the others sleep-and-retry (its busy
+    /// handler sleeps up to 100 ms a turn); this process's writers queue here instead.
+    write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 macro_rules! on_pool {
@@ -510,7 +513,16 @@ impl Store {
         };
         Ok(Store {
             backend: std::sync::Arc::new(backend),
+            write_gate: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
+    }
+
+    /// This process's turn to write (SQLite only; PostgreSQL takes concurrent writers).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Some(self.write_gate.lock().await),
+            Backend::Postgres(_) => None,
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -531,6 +543,7 @@ impl Store {
         records: &[(usize, Record)],
         prune: bool,
     ) -> Result<ImportSummary, StoreError> {
+        let _turn = self.write_turn().await;
         let now = now_ms();
         let summary = on_pool!(self, |pool| {
             let mut tx = pool.begin().await?;
@@ -878,6 +891,7 @@ impl Store {
         target: &str,
         writes: Vec<StateWrite>,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         if writes.is_empty() {
             return Ok(());
         }
@@ -1004,6 +1018,7 @@ impl Store {
         kind: Kind,
         local_id: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         on_pool!(self, |p| sqlx::query(
             "UPDATE sync_state SET status = 'leaving', updated_at = $4 \
              WHERE target = $1 AND kind = $2 AND local_id = $3"
@@ -1068,6 +1083,7 @@ impl Store {
         kind: Kind,
         local_id: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         on_pool!(self, |p| sqlx::query(
             "DELETE FROM sync_state WHERE target = $1 AND kind = $2 AND local_id = $3"
         )
@@ -1202,6 +1218,7 @@ impl Store {
     }
 
     pub async fn set_cursor(&self, target: &str, seq: i64) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         on_pool!(self, |p| sqlx::query(
             "INSERT INTO event_cursors (target, last_seq) VALUES ($1, $2) \
              ON CONFLICT (target) DO UPDATE SET last_seq = excluded.last_seq"
@@ -1350,6 +1367,7 @@ impl Store {
         trigger: &str,
         batch_size: u32,
     ) -> Result<(i64, bool), StoreError> {
+        let _turn = self.write_turn().await;
         self.refresh_statistics().await?;
         let now = now_ms();
         let batch = batch_size.max(1) as usize;
@@ -1430,6 +1448,7 @@ impl Store {
         lease_ms: i64,
         run: Option<i64>,
     ) -> Result<Option<Job>, StoreError> {
+        let _turn = self.write_turn().await;
         let now = now_ms();
         let pick = "SELECT j.id FROM jobs j WHERE (j.status = 'pending' \
              OR (j.status = 'running' AND j.lease_until < $3)) \
@@ -1477,6 +1496,7 @@ impl Store {
         holder: &str,
         lease_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let n = on_pool!(self, |p| {
             sqlx::query(
             "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND holder = $2 AND status = 'running'"
@@ -1498,6 +1518,7 @@ impl Store {
         holder: &str,
         result: &Value,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let n = on_pool!(self, |p| sqlx::query(
             "UPDATE jobs SET status = 'done', result = $3, lease_until = NULL \
              WHERE id = $1 AND holder = $2 AND status = 'running'"
@@ -1513,6 +1534,7 @@ impl Store {
 
     /// Gives a job back (shutdown): someone else may claim it at once.
     pub async fn release_job(&self, id: i64, holder: &str) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         on_pool!(self, |p| sqlx::query(
             "UPDATE jobs SET status = 'pending', holder = NULL, lease_until = NULL \
              WHERE id = $1 AND holder = $2 AND status = 'running'"
@@ -1560,6 +1582,7 @@ impl Store {
         c: &RunCounts,
         detail: Option<&str>,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let n = on_pool!(self, |p| sqlx::query(
             "UPDATE runs SET finished_at = $2, status = $3, created = $4, updated = $5, \
              unchanged = $6, deleted = $7, skipped = $8, failed = $9, requests = $10, \

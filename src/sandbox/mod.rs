@@ -24,7 +24,8 @@ use serde_json::{Map, Value, json};
 use tokio::net::TcpListener;
 
 use crate::scim::{
-    ERROR_SCHEMA, GROUP_SCHEMA, LIST_RESPONSE_SCHEMA, PATCH_OP_SCHEMA, SPC_SCHEMA, USER_SCHEMA,
+    BULK_RESPONSE_SCHEMA, ERROR_SCHEMA, GROUP_SCHEMA, LIST_RESPONSE_SCHEMA, PATCH_OP_SCHEMA,
+    SPC_SCHEMA, USER_SCHEMA,
 };
 
 /// Where the token endpoint is served (outside the SCIM base path).
@@ -42,6 +43,8 @@ pub struct SandboxOptions {
     pub oauth_clients: Vec<OAuthClient>,
     pub token_lifetime: Duration,
     pub faults: Faults,
+    /// `/Bulk` offered with (maxOperations, maxPayloadSize); None: not offered.
+    pub bulk: Option<(u32, u64)>,
 }
 
 /// Faults injected into resource requests (discovery and tokens are spared), counted so tests
@@ -67,6 +70,7 @@ impl Default for SandboxOptions {
             oauth_clients: Vec::new(),
             token_lifetime: Duration::from_secs(3600),
             faults: Faults::default(),
+            bulk: None,
         }
     }
 }
@@ -589,7 +593,7 @@ fn route(
         }
         _ => {}
     }
-    let body = || -> Result<Value, Failure> {
+    let required = || -> Result<Value, Failure> {
         match &body {
             Some(Ok(v)) => Ok(v.clone()),
             Some(Err(e)) => Err((
@@ -604,6 +608,40 @@ fn route(
             )),
         }
     };
+    let mut st = lock(&sh.store);
+    authorize(sh, &st, headers)?;
+    if *method != Method::GET
+        && let Some(limited) = rate_limited(sh, &mut st)
+    {
+        return Err(limited);
+    }
+    if segs.as_slice() == ["Bulk"] && *method == Method::POST {
+        return bulk(sh, &mut st, required()?);
+    }
+    let body = match body {
+        Some(Ok(v)) => Some(v),
+        _ => None,
+    };
+    operation(sh, &mut st, method, rel, &segs, query, body)
+}
+
+/// One resource operation (a request of its own, or one of a bulk request).
+fn operation(
+    sh: &Shared,
+    st: &mut Store,
+    method: &Method,
+    rel: &str,
+    segs: &[&str],
+    query: &HashMap<String, String>,
+    body: Option<Value>,
+) -> Result<(StatusCode, Option<Value>), Failure> {
+    let body = || {
+        body.clone().ok_or((
+            StatusCode::BAD_REQUEST,
+            Some("invalidSyntax"),
+            "a body is required".to_string(),
+        ))
+    };
     let res = |s: &str| {
         match Res::parse(s) {
             Some(Res::Groups) if !sh.rules.groups => None,
@@ -615,20 +653,14 @@ fn route(
             format!("no resource type {s:?}"),
         ))
     };
-    let mut st = lock(&sh.store);
-    authorize(sh, &st, headers)?;
-    if *method != Method::GET
-        && let Some(limited) = rate_limited(sh, &mut st)
-    {
-        return Err(limited);
-    }
+    let st = &mut *st;
     let rules = &sh.rules;
-    match (method.clone(), segs.as_slice()) {
+    match (method.clone(), segs) {
         (Method::GET, [r]) => {
             let r = res(r)?;
-            list(&st, r, query).map(|v| (StatusCode::OK, Some(for_reading(rules, r, v))))
+            list(st, r, query).map(|v| (StatusCode::OK, Some(for_reading(rules, r, v))))
         }
-        (Method::POST, [r]) => create_in(&mut st, rules, &sh.base_url, res(r)?, body()?)
+        (Method::POST, [r]) => create_in(st, rules, &sh.base_url, res(r)?, body()?)
             .map(|v| (StatusCode::CREATED, Some(v))),
         (Method::GET, [r, id]) => {
             let kind = res(r)?;
@@ -651,7 +683,7 @@ fn route(
                     format!("PUT is not supported on {r}; use PATCH"),
                 ));
             }
-            replace_in(&mut st, rules, kind, id, body()?).map(|v| (StatusCode::OK, Some(v)))
+            replace_in(st, rules, kind, id, body()?).map(|v| (StatusCode::OK, Some(v)))
         }
         (Method::PATCH, [r, id]) => {
             if !sh.opts.patch {
@@ -661,7 +693,7 @@ fn route(
                     "PATCH is not supported".into(),
                 ));
             }
-            patch_in(&mut st, rules, res(r)?, id, body()?).map(|v| (StatusCode::OK, Some(v)))
+            patch_in(st, rules, res(r)?, id, body()?).map(|v| (StatusCode::OK, Some(v)))
         }
         (Method::DELETE, [r, id]) => {
             let kind = res(r)?;
@@ -680,7 +712,7 @@ fn route(
                     }
                     Ok((StatusCode::NO_CONTENT, None))
                 }
-                _ if delete_in(&mut st, kind, id) => Ok((StatusCode::NO_CONTENT, None)),
+                _ if delete_in(st, kind, id) => Ok((StatusCode::NO_CONTENT, None)),
                 _ => Err(not_found(r, id)),
             }
         }
@@ -690,6 +722,96 @@ fn route(
             format!("no route for {method} {rel}"),
         )),
     }
+}
+
+/// `POST /Bulk` (RFC 7644 §3.7): each operation carried out in order, each answered on its
+/// own; more operations or a bigger payload than advertised is refused whole (413).
+fn bulk(
+    sh: &Shared,
+    st: &mut Store,
+    request: Value,
+) -> Result<(StatusCode, Option<Value>), Failure> {
+    let Some((max_ops, max_payload)) = sh.opts.bulk else {
+        return Err((
+            StatusCode::NOT_IMPLEMENTED,
+            None,
+            "bulk is not supported".into(),
+        ));
+    };
+    let size = request.to_string().len() as u64;
+    if size > max_payload {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            format!("the bulk request is {size} bytes; maxPayloadSize is {max_payload}"),
+        ));
+    }
+    let ops = request
+        .get("Operations")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if ops.len() > max_ops as usize {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Some("tooMany"),
+            format!("{} operations; maxOperations is {max_ops}", ops.len()),
+        ));
+    }
+    let mut answers = Vec::with_capacity(ops.len());
+    for op in ops {
+        let method = op
+            .get("method")
+            .and_then(Value::as_str)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::GET);
+        let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let result = if method == Method::GET || segs.first() == Some(&"Bulk") {
+            Err((
+                StatusCode::BAD_REQUEST,
+                Some("invalidSyntax"),
+                format!("{method} {path} is not a bulk operation"),
+            ))
+        } else {
+            operation(
+                sh,
+                st,
+                &method,
+                path,
+                &segs,
+                &HashMap::new(),
+                op.get("data").cloned(),
+            )
+        };
+        let mut answer = json!({"method": method.as_str()});
+        if let Some(id) = op.get("bulkId") {
+            answer["bulkId"] = id.clone();
+        }
+        match result {
+            Ok((status, v)) => {
+                answer["status"] = json!(status.as_u16().to_string());
+                let id = v.as_ref().and_then(|v| v.get("id")).and_then(Value::as_str);
+                let target = match (id, segs.first()) {
+                    (Some(id), Some(r)) => Some(format!("{}/{r}/{id}", sh.base_url)),
+                    (None, Some(_)) if segs.len() > 1 => Some(format!("{}{path}", sh.base_url)),
+                    _ => None,
+                };
+                if let Some(l) = target {
+                    answer["location"] = json!(l);
+                }
+            }
+            Err((status, t, d)) => {
+                answer["status"] = json!(status.as_u16().to_string());
+                answer["response"] = error_body(status, t, &d);
+            }
+        }
+        answers.push(answer);
+    }
+    Ok((
+        StatusCode::OK,
+        Some(json!({"schemas": [BULK_RESPONSE_SCHEMA], "Operations": answers})),
+    ))
 }
 
 /// What a client reads back: without group members where the profile never returns them.
@@ -1036,7 +1158,10 @@ fn spc(opts: &SandboxOptions, rules: &Rules) -> Value {
         "schemas": [SPC_SCHEMA],
         "documentationUri": "https://datatracker.ietf.org/doc/html/rfc7644",
         "patch": {"supported": opts.patch},
-        "bulk": {"supported": false, "maxOperations": 0, "maxPayloadSize": 0},
+        "bulk": match opts.bulk {
+            Some((ops, size)) => json!({"supported": true, "maxOperations": ops, "maxPayloadSize": size}),
+            None => json!({"supported": false, "maxOperations": 0, "maxPayloadSize": 0}),
+        },
         "filter": {"supported": rules.advertise_filter, "maxResults": MAX_PAGE},
         "changePassword": {"supported": false},
         "sort": {"supported": false},

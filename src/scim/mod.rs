@@ -13,6 +13,8 @@ pub use crate::mapping::{GROUP_SCHEMA, USER_SCHEMA};
 pub const PATCH_OP_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
 pub const LIST_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:ListResponse";
 pub const ERROR_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:Error";
+pub const BULK_REQUEST_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkRequest";
+pub const BULK_RESPONSE_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:BulkResponse";
 pub const SPC_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:ServiceProviderConfig";
 pub const ENTERPRISE_USER_SCHEMA: &str =
     "urn:ietf:params:scim:schemas:extension:enterprise:2.0:User";
@@ -71,6 +73,8 @@ pub struct Capabilities {
     pub filter_max_results: u32,
     pub bulk: bool,
     pub bulk_max_operations: u32,
+    /// Bytes a bulk request may have.
+    pub bulk_max_payload: u64,
     pub etag: bool,
 }
 
@@ -83,6 +87,7 @@ impl Capabilities {
             filter_max_results: 100,
             bulk: false,
             bulk_max_operations: 0,
+            bulk_max_payload: 0,
             etag: false,
         }
     }
@@ -107,9 +112,83 @@ impl Capabilities {
             filter_max_results: num("filter", "maxResults", 100).max(1),
             bulk: flag("bulk"),
             bulk_max_operations: num("bulk", "maxOperations", 0),
+            bulk_max_payload: v
+                .get("bulk")
+                .and_then(|o| o.get("maxPayloadSize"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
             etag: flag("etag"),
         }
     }
+}
+
+/// One operation of a bulk request (RFC 7644 §3.7).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BulkOperation {
+    pub method: &'static str,
+    pub path: String,
+    #[serde(rename = "bulkId")]
+    pub bulk_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// The target's answer to one bulk operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BulkAnswer {
+    pub bulk_id: Option<String>,
+    pub status: u16,
+    /// The resource's id: from the answer's resource, else from its location.
+    pub id: Option<String>,
+    /// The error detail of a failed operation.
+    pub detail: String,
+}
+
+pub fn bulk_body(ops: &[BulkOperation]) -> Value {
+    serde_json::json!({ "schemas": [BULK_REQUEST_SCHEMA], "Operations": ops })
+}
+
+/// The answers of a BulkResponse, read defensively: `status` as a string ("201", as RFC 7644
+/// writes it), a number, or an object with `code` (as some servers do).
+pub fn bulk_answers(v: &Value) -> Vec<BulkAnswer> {
+    let ops = v.get("Operations").and_then(Value::as_array);
+    ops.map(|ops| {
+        ops.iter()
+            .map(|o| {
+                let status = match o.get("status") {
+                    Some(Value::String(s)) => s.trim().parse().unwrap_or(0),
+                    Some(Value::Number(n)) => n.as_u64().unwrap_or(0) as u16,
+                    Some(Value::Object(m)) => m
+                        .get("code")
+                        .and_then(|c| c.as_u64().or_else(|| c.as_str()?.parse().ok()))
+                        .unwrap_or(0) as u16,
+                    _ => 0,
+                };
+                let response = o.get("response");
+                let id = response
+                    .and_then(|r| r.get("id"))
+                    .and_then(Value::as_str)
+                    .or_else(|| {
+                        let loc = o.get("location").and_then(Value::as_str)?;
+                        loc.trim_end_matches('/').rsplit('/').next()
+                    })
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_string);
+                let detail = response
+                    .and_then(|r| r.get("detail"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                BulkAnswer {
+                    bulk_id: o.get("bulkId").and_then(Value::as_str).map(str::to_string),
+                    status,
+                    id,
+                    detail,
+                }
+            })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// `attr eq "value"` with the value escaped as a JSON string (RFC 7644 §3.4.2.2).
@@ -225,6 +304,26 @@ impl MemberForm {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn bulk_answers_are_read_in_every_shape_servers_send() {
+        let v = json!({"Operations": [
+            {"bulkId": "a", "status": "201", "location": "https://x/scim/v2/Users/92b7/"},
+            {"bulkId": "b", "status": 409, "response": {"detail": "exists", "status": "409"}},
+            {"bulkId": "c", "status": {"code": "200"}, "response": {"id": "r-c"}},
+            {"status": "garbage"}
+        ]});
+        let a = bulk_answers(&v);
+        assert_eq!(a.len(), 4);
+        assert_eq!((a[0].status, a[0].id.as_deref()), (201, Some("92b7")));
+        assert_eq!(
+            (a[1].status, a[1].detail.as_str(), a[1].id.as_deref()),
+            (409, "exists", None)
+        );
+        assert_eq!((a[2].status, a[2].id.as_deref()), (200, Some("r-c")));
+        assert_eq!((a[3].status, a[3].bulk_id.as_deref()), (0, None));
+        assert!(bulk_answers(&json!({"no": "ops"})).is_empty());
+    }
 
     #[test]
     fn filter_escapes_quotes() {

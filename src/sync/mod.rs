@@ -254,6 +254,14 @@ fn tfail(e: TargetError) -> Fail {
     e.to_string()
 }
 
+/// Mapping a batch is CPU work on the one thread that also reads the answers of the other
+/// batches' requests: let them in every few objects, so the target's concurrency stays busy.
+async fn yield_sometimes(i: usize) {
+    if i % 8 == 7 {
+        tokio::task::yield_now().await;
+    }
+}
+
 /// One object of a batch after the work that needs no I/O: either done (unchanged, skipped,
 /// failed mapping) or ready to be sent.
 enum Step {
@@ -692,10 +700,11 @@ impl Engine {
             let Some((last, _)) = batch.last() else { break };
             after = last.id.clone();
             let n = batch.len() as u64;
-            let steps = batch
-                .into_iter()
-                .map(|(u, s)| self.prepare_user(u, s))
-                .collect();
+            let mut steps = Vec::with_capacity(batch.len());
+            for (i, (u, s)) in batch.into_iter().enumerate() {
+                steps.push(self.prepare_user(u, s));
+                yield_sometimes(i).await;
+            }
             let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
@@ -741,10 +750,11 @@ impl Engine {
                 Leaving::Memory { users, .. } => users,
                 Leaving::Store => &no_one,
             };
-            let steps = batch
-                .into_iter()
-                .map(|(g, m, s)| self.prepare_group(g, m, s, leaving_users))
-                .collect();
+            let mut steps = Vec::with_capacity(batch.len());
+            for (i, (g, m, s)) in batch.into_iter().enumerate() {
+                steps.push(self.prepare_group(g, m, s, leaving_users));
+                yield_sometimes(i).await;
+            }
             let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
@@ -1277,13 +1287,211 @@ impl Engine {
     /// with the target's concurrency, their outcomes recorded in one transaction.
     async fn run_batch(&self, mut steps: Vec<Step>) -> Result<Vec<ObjectReport>, SyncError> {
         self.record_attempts(&mut steps).await?;
-        let mut reports: Vec<ObjectReport> = futures::stream::iter(steps)
+        let mut reports = Vec::with_capacity(steps.len());
+        if self.bulk_enabled() {
+            steps = self.send_bulk(steps, &mut reports).await;
+        }
+        let rest: Vec<ObjectReport> = futures::stream::iter(steps)
             .map(|s| self.finish(s))
             .buffer_unordered(self.cfg.concurrency)
             .collect()
             .await;
+        reports.extend(rest);
         self.record(&mut reports).await?;
         Ok(reports)
+    }
+
+    /// Whether a batch's creates and updates go in `/Bulk` requests.
+    fn bulk_enabled(&self) -> bool {
+        self.cfg.bulk && self.eff.bulk && self.eff.bulk_max_operations > 0 && !self.opts.dry_run
+    }
+
+    /// The bulk operation for a prepared user: a first create (its write-ahead record is in),
+    /// or an update that is one PATCH (or a PUT). Anything else (groups, whose creates look
+    /// for a namesake first and whose members go in slices; retried creates; unchanged
+    /// objects) is sent on its own.
+    fn bulk_operation(&self, p: &Prepared) -> Option<scim::BulkOperation> {
+        let Plan::Resource { desired, hash, .. } = &p.plan else {
+            return None;
+        };
+        if p.kind != Kind::User {
+            return None;
+        }
+        let s = p.state.as_ref();
+        let op = |method: &'static str, path: String, data: Value| scim::BulkOperation {
+            method,
+            path,
+            bulk_id: p.id.clone(),
+            data: Some(data),
+        };
+        match s.and_then(|s| s.remote_id.as_deref()) {
+            None if p.w.attempt_recorded => Some(op("POST", "/Users".into(), desired.clone())),
+            None => None,
+            Some(rid) => {
+                let s = s?;
+                if s.status == "synced" && s.resource_hash.as_deref() == Some(hash.as_str()) {
+                    return None;
+                }
+                if !self.use_patch(Kind::User) {
+                    return Some(op("PUT", format!("/Users/{rid}"), desired.clone()));
+                }
+                let policy = self.member_policy();
+                let mut requests =
+                    patch_requests(s.last_resource.as_ref(), desired, None, None, &policy);
+                if requests.len() != 1 {
+                    return None;
+                }
+                let ops = requests.pop()?;
+                Some(op("PATCH", format!("/Users/{rid}"), scim::patch_body(&ops)))
+            }
+        }
+    }
+
+    /// Sends what can go in bulk requests (within the target's maxOperations and
+    /// maxPayloadSize); returns what is left to send one by one: steps that need no request,
+    /// objects that cannot go in bulk, and operations the target did not carry out (sent again
+    /// on their own, where 409s, 404s and retries are handled).
+    async fn send_bulk(&self, steps: Vec<Step>, reports: &mut Vec<ObjectReport>) -> Vec<Step> {
+        const ENVELOPE: usize = 128;
+        let max_ops = self.eff.bulk_max_operations as usize;
+        let max_payload = match self.eff.bulk_max_payload {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let mut rest = Vec::new();
+        let mut chunk: Vec<(Prepared, scim::BulkOperation)> = Vec::new();
+        let mut size = ENVELOPE;
+        for step in steps {
+            let p = match step {
+                Step::Send(p) => p,
+                done => {
+                    rest.push(done);
+                    continue;
+                }
+            };
+            let Some(op) = self.bulk_operation(&p) else {
+                rest.push(Step::Send(p));
+                continue;
+            };
+            let op_size = serde_json::to_vec(&op).map_or(usize::MAX, |v| v.len() + 1);
+            if ENVELOPE.saturating_add(op_size) > max_payload {
+                rest.push(Step::Send(p));
+                continue;
+            }
+            if chunk.len() >= max_ops || size.saturating_add(op_size) > max_payload {
+                self.send_bulk_chunk(std::mem::take(&mut chunk), reports, &mut rest)
+                    .await;
+                size = ENVELOPE;
+            }
+            size += op_size;
+            chunk.push((p, op));
+        }
+        if !chunk.is_empty() {
+            self.send_bulk_chunk(chunk, reports, &mut rest).await;
+        }
+        rest
+    }
+
+    async fn send_bulk_chunk(
+        &self,
+        chunk: Vec<(Prepared, scim::BulkOperation)>,
+        reports: &mut Vec<ObjectReport>,
+        rest: &mut Vec<Step>,
+    ) {
+        let (prepared, ops): (Vec<Prepared>, Vec<scim::BulkOperation>) = chunk.into_iter().unzip();
+        let answers = match self.client.bulk(&ops).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(target = %self.cfg.name, error = %e, operations = ops.len(), "bulk request failed; sending its operations one by one");
+                for (p, op) in prepared.into_iter().zip(ops) {
+                    rest.push(Step::Send(Self::unknown_outcome(p, &op, &e.to_string())));
+                }
+                return;
+            }
+        };
+        let mut by_id: std::collections::HashMap<String, scim::BulkAnswer> = answers
+            .into_iter()
+            .filter_map(|a| Some((a.bulk_id.clone()?, a)))
+            .collect();
+        for (mut p, op) in prepared.into_iter().zip(ops) {
+            let answer = by_id.remove(&op.bulk_id);
+            let sent = format!(
+                "request (bulk): {} {} {}",
+                op.method,
+                op.path,
+                op.data.as_ref().map(Value::to_string).unwrap_or_default()
+            );
+            p.w.step(|| sent);
+            let rid = match (&answer, op.method) {
+                (Some(a), "POST") if (200..300).contains(&a.status) => a.id.clone(),
+                (Some(a), _) if (200..300).contains(&a.status) => {
+                    p.state.as_ref().and_then(|s| s.remote_id.clone())
+                }
+                _ => None,
+            };
+            let Some(rid) = rid else {
+                match answer {
+                    // Not carried out: sent again on its own, which handles what the answer says.
+                    Some(a) if !(200..300).contains(&a.status) => {
+                        p.w.step(|| {
+                            format!(
+                                "bulk answer: HTTP {} {}; sending on its own",
+                                a.status, a.detail
+                            )
+                        });
+                        rest.push(Step::Send(p));
+                    }
+                    _ => {
+                        let why = "no usable answer to this operation";
+                        rest.push(Step::Send(Self::unknown_outcome(p, &op, why)));
+                    }
+                }
+                continue;
+            };
+            let Prepared {
+                kind,
+                id,
+                mut w,
+                plan,
+                ..
+            } = p;
+            let Plan::Resource {
+                desired,
+                hash,
+                members,
+            } = plan
+            else {
+                continue;
+            };
+            let synced = Synced {
+                remote_id: &rid,
+                hash: &hash,
+                resource: &desired,
+                members: members.as_deref(),
+                source: w.source.as_deref(),
+            };
+            w.writes.push(StateWrite::synced(kind, &id, synced));
+            let (action, detail) = if op.method == "POST" {
+                (Action::Created, format!("created as {rid} (bulk)"))
+            } else {
+                (Action::Updated, format!("updated {rid} (bulk)"))
+            };
+            w.step(|| format!("result: {detail}"));
+            reports.push(self.report(kind, &id, w, action, detail, None));
+        }
+    }
+
+    /// An operation whose fate is unknown (the bulk request failed or its answer is missing):
+    /// a create is looked for before it is sent again, as after a crash.
+    fn unknown_outcome(mut p: Prepared, op: &scim::BulkOperation, why: &str) -> Prepared {
+        p.w.step(|| format!("bulk: {why}; sending on its own"));
+        if op.method == "POST"
+            && let Plan::Resource { desired, .. } = &p.plan
+        {
+            let state = p.state.get_or_insert_with(SyncState::default);
+            state.last_resource = Some(desired.clone());
+        }
+        p
     }
 
     /// A batch of one (the event consumer, `sync --user`).

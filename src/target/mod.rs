@@ -182,6 +182,9 @@ pub struct Effective {
     pub filter_max_results: u32,
     /// Members carry `$ref` (some targets require it).
     pub member_ref: bool,
+    /// The target's bulk limits (0: not published).
+    pub bulk_max_operations: u32,
+    pub bulk_max_payload: u64,
 }
 
 impl Effective {
@@ -205,6 +208,8 @@ impl Effective {
                 .max(1),
             filter_max_results: caps.filter_max_results,
             member_ref: o.member_ref.unwrap_or(false),
+            bulk_max_operations: caps.bulk_max_operations,
+            bulk_max_payload: caps.bulk_max_payload,
         }
     }
 
@@ -489,6 +494,18 @@ impl TargetClient {
     }
 
     /// GET by id; `None` when the target answers 404.
+    /// One `POST /Bulk` (RFC 7644 §3.7); the answers come back in any order, each with the
+    /// bulkId it was sent with.
+    pub async fn bulk(
+        &self,
+        ops: &[scim::BulkOperation],
+    ) -> Result<Vec<scim::BulkAnswer>, TargetError> {
+        let a = self
+            .send(Method::POST, &["Bulk"], &[], Some(&scim::bulk_body(ops)))
+            .await?;
+        Ok(a.body.as_ref().map(scim::bulk_answers).unwrap_or_default())
+    }
+
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Option<Value>, TargetError> {
         match self
             .send(Method::GET, &[endpoint(kind), id], &[], None)

@@ -1,6 +1,7 @@
 //! One integration-test binary (fast linking): scenarios against the sandbox on SQLite and
 //! PostgreSQL, import, the CLI, and interop with a third-party SCIM server.
 
+mod bulk;
 mod cli;
 mod client;
 mod daemon;
