@@ -277,9 +277,11 @@ async fn bench(db: &str, n: usize) {
         );
         return;
     }
+    eprintln!("no-op sync");
     let (r1, t1) = (state.requests.load(Ordering::Relaxed), Instant::now());
     let s2 = engine.full_sync(&NoProgress).await.expect("no-op sync");
     let noop = t1.elapsed().as_secs_f64();
+    eprintln!("no-op done");
     let noop_requests = state.requests.load(Ordering::Relaxed) - r1;
 
     // Change → target latency through the daemon's event consumer.

@@ -558,7 +558,7 @@ async fn export(store: &Store) -> Result<ExitCode> {
     // The export names no target: the state columns it joins are ignored.
     let mut after = String::new();
     loop {
-        let batch = store.user_batch("", &after, None, 1000).await?;
+        let batch = store.user_scan("", &after, None, 1000).await?;
         let Some((last, _)) = batch.last() else { break };
         after = last.id.clone();
         for (u, _) in &batch {

@@ -140,6 +140,15 @@ impl StateWrite {
     }
 }
 
+/// What a full sync's scan reads of an object's state: enough to skip it when nothing it is
+/// made from changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateSummary {
+    pub remote_id: Option<String>,
+    pub status: String,
+    pub source_hash: Option<String>,
+}
+
 /// What the target holds after a successful write.
 #[derive(Debug, Clone, Copy)]
 pub struct Synced<'a> {
@@ -241,6 +250,22 @@ struct UserRow {
     attributes: String,
     #[sqlx(flatten)]
     state: StateCols,
+}
+
+#[derive(sqlx::FromRow)]
+struct UserScanRow {
+    id: String,
+    username: String,
+    email: Option<String>,
+    name: Option<String>,
+    given_name: Option<String>,
+    family_name: Option<String>,
+    active: bool,
+    service_account: bool,
+    attributes: String,
+    remote_id: Option<String>,
+    status: Option<String>,
+    source_hash: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -349,9 +374,10 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-const USER_BATCH: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
-     u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
-     s.members, s.status, s.last_error, s.attempts, s.source_hash \
+// The scan of a full sync: the user and only what tells whether it changed since it was sent
+// (the resource last sent, often the biggest column, is read only for users that changed).
+const USER_SCAN: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
+     u.active, u.service_account, u.attributes, s.remote_id, s.status, s.source_hash \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
      WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3";
 
@@ -717,22 +743,85 @@ impl Store {
         Ok(summary)
     }
 
-    /// Up to `limit` users with ids after `after`, each with its state on `target`.
-    pub async fn user_batch(
+    /// Up to `limit` users with ids after `after`, each with the summary of its state on
+    /// `target`; [`Store::states`] reads the full state of those that need it.
+    pub async fn user_scan(
         &self,
         target: &str,
         after: &str,
         until: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<(User, Option<SyncState>)>, StoreError> {
-        let rows: Vec<UserRow> = on_pool!(self, |p| sqlx::query_as(USER_BATCH)
+    ) -> Result<Vec<(User, Option<StateSummary>)>, StoreError> {
+        let rows: Vec<UserScanRow> = on_pool!(self, |p| sqlx::query_as(USER_SCAN)
             .bind(target)
             .bind(after)
             .bind(i64::from(limit))
             .bind(until)
             .fetch_all(p)
             .await)?;
-        rows.into_iter().map(UserRow::split).collect()
+        rows.into_iter()
+            .map(|r| {
+                let attributes = attrs(&r.id, &r.attributes)?;
+                let summary = r.status.map(|status| StateSummary {
+                    remote_id: r.remote_id,
+                    status,
+                    source_hash: r.source_hash,
+                });
+                let user = User {
+                    id: r.id,
+                    username: r.username,
+                    email: r.email,
+                    name: r.name,
+                    given_name: r.given_name,
+                    family_name: r.family_name,
+                    active: r.active,
+                    service_account: r.service_account,
+                    attributes,
+                };
+                Ok((user, summary))
+            })
+            .collect()
+    }
+
+    /// The full states of these objects on `target` (those that have one).
+    pub async fn states(
+        &self,
+        target: &str,
+        kind: Kind,
+        ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, SyncState>, StoreError> {
+        let mut out = std::collections::HashMap::with_capacity(ids.len());
+        let numbered = self.backend_name() == "postgres";
+        for chunk in ids.chunks(STATE_CHUNK) {
+            let list: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    if numbered {
+                        format!("${}", i + 3)
+                    } else {
+                        "?".into()
+                    }
+                })
+                .collect();
+            let (t, k) = if numbered { ("$1", "$2") } else { ("?", "?") };
+            let sql = format!(
+                "SELECT s.local_id, {STATE_COLS} FROM sync_state s WHERE s.target = {t} \
+                 AND s.kind = {k} AND s.local_id IN ({})",
+                list.join(", ")
+            );
+            let rows: Vec<OrphanRow> = on_pool!(self, |p| {
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(target)
+                    .bind(kind.as_str());
+                for id in chunk {
+                    q = q.bind(*id);
+                }
+                q.fetch_all(p).await
+            })?;
+            for o in orphans_from(rows)? {
+                out.insert(o.local_id, o.state);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn user(

@@ -254,6 +254,24 @@ fn tfail(e: TargetError) -> Fail {
     e.to_string()
 }
 
+/// True when an object was sent and nothing it is made from changed since.
+fn unchanged_since_sent(status: &str, sent: bool, recorded: Option<&str>, source: &str) -> bool {
+    status == "synced" && sent && recorded == Some(source)
+}
+
+/// Lets serde write straight into a digest.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Mapping a batch is CPU work on the one thread that also reads the answers of the other
 /// batches' requests: let them in every few objects, so the target's concurrency stays busy.
 async fn yield_sometimes(i: usize) {
@@ -695,19 +713,64 @@ impl Engine {
             self.refresh_mappings();
             let batch = self
                 .store
-                .user_batch(&target, &after, until, self.opts.batch_size)
+                .user_scan(&target, &after, until, self.opts.batch_size)
                 .await?;
             let Some((last, _)) = batch.last() else { break };
             after = last.id.clone();
             let n = batch.len() as u64;
+            // Unchanged users end here; the others' full states are read in one query.
             let mut steps = Vec::with_capacity(batch.len());
-            for (i, (u, s)) in batch.into_iter().enumerate() {
-                steps.push(self.prepare_user(u, s));
+            let mut changed = Vec::new();
+            for (u, summary) in batch {
+                let source = self.user_source(&u);
+                let in_scope = !(self.cfg.exclude_service_accounts && u.service_account);
+                if in_scope
+                    && !self.opts.trace
+                    && summary.as_ref().is_some_and(|s| {
+                        unchanged_since_sent(
+                            &s.status,
+                            s.remote_id.is_some(),
+                            s.source_hash.as_deref(),
+                            &source,
+                        )
+                    })
+                {
+                    let w = Work::default();
+                    let why = "unchanged".to_string();
+                    steps.push(Step::Done(self.report(
+                        Kind::User,
+                        &u.id,
+                        w,
+                        Action::Unchanged,
+                        why,
+                        None,
+                    )));
+                } else {
+                    changed.push((u, source, summary.is_some()));
+                }
+            }
+            let ids: Vec<&str> = changed
+                .iter()
+                .filter(|(_, _, has_state)| *has_state)
+                .map(|(u, _, _)| u.id.as_str())
+                .collect();
+            let mut states = if ids.is_empty() {
+                Default::default()
+            } else {
+                self.store.states(&target, Kind::User, &ids).await?
+            };
+            for (i, (u, source, _)) in changed.into_iter().enumerate() {
+                let state = states.remove(&u.id);
+                steps.push(self.prepare_user(u, state, Some(source)));
                 yield_sometimes(i).await;
             }
             let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
+            if n < u64::from(self.opts.batch_size) || until == Some(after.as_str()) {
+                // The range is done: no need to ask for an empty batch.
+                break;
+            }
         }
         Ok(())
     }
@@ -758,6 +821,10 @@ impl Engine {
             let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
+            if n < u64::from(self.opts.batch_size) || until == Some(after.as_str()) {
+                // The range is done: no need to ask for an empty batch.
+                break;
+            }
         }
         Ok(())
     }
@@ -912,23 +979,39 @@ impl Engine {
         self.report(kind, id, w, Action::Failed, error, None)
     }
 
-    /// What a resource is made from: the directory object, the scripts and the target.
-    fn source_hash(&self, object_hash: &str) -> String {
-        let mut all = String::with_capacity(200);
-        all.push_str(object_hash);
-        all.push('|');
-        all.push_str(&self.mappings.version());
-        all.push('|');
-        all.push_str(&self.settings);
-        crate::mapping::sha256(&all)
+    /// What a resource is made from: the directory object (as its fields serialize, fed
+    /// straight into the digest), the scripts' version and the target's settings.
+    fn source_hash(&self, object: &impl Serialize) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.mappings.version().as_bytes());
+        h.update(b"|");
+        h.update(self.settings.as_bytes());
+        h.update(b"|");
+        // Writing into a digest cannot fail; a serialization error would only make the hash
+        // differ, which costs a mapping, never a skipped change.
+        let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
+        hex::encode(h.finalize())
+    }
+
+    fn user_source(&self, user: &User) -> String {
+        self.source_hash(user)
+    }
+
+    /// A group's own fields; its members are compared on their own.
+    fn group_source(&self, group: &Group) -> String {
+        self.source_hash(&(&group.id, &group.name, &group.attributes))
     }
 
     /// True when nothing the resource is made from changed since it was sent.
     fn source_unchanged(state: Option<&SyncState>, source: &str) -> bool {
         state.is_some_and(|s| {
-            s.status == "synced"
-                && s.remote_id.is_some()
-                && s.source_hash.as_deref() == Some(source)
+            unchanged_since_sent(
+                &s.status,
+                s.remote_id.is_some(),
+                s.source_hash.as_deref(),
+                source,
+            )
         })
     }
 
@@ -957,7 +1040,7 @@ impl Engine {
     }
 
     /// Prepares one user: scope, source hash, mapping and validation (no I/O).
-    fn prepare_user(&self, user: User, state: Option<SyncState>) -> Step {
+    fn prepare_user(&self, user: User, state: Option<SyncState>, source: Option<String>) -> Step {
         let mut w = Work {
             trace: self.opts.trace,
             ..Default::default()
@@ -973,7 +1056,7 @@ impl Engine {
             return Step::Done(self.out_of_scope(Kind::User, &user.id, w, why, state));
         }
         w.step(|| "scope: in scope".into());
-        let source = self.source_hash(&user.content_hash());
+        let source = source.unwrap_or_else(|| self.user_source(&user));
         if Self::source_unchanged(state.as_ref(), &source) {
             w.step(|| {
                 "unchanged since last sent (object, scripts and target settings): not mapped".into()
@@ -1029,7 +1112,7 @@ impl Engine {
             .filter_map(|m| m.remote_id)
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
-        let source = self.source_hash(&group.content_hash());
+        let source = self.group_source(&group);
         if Self::source_unchanged(state.as_ref(), &source)
             && let Some(s) = state.as_ref()
             && s.last_resource.is_some()
@@ -1222,6 +1305,18 @@ impl Engine {
                     w.step(|| {
                         format!("match: remote id {rid} (recorded); unchanged since last sent")
                     });
+                    // Made from something new (scripts, target settings) but the same: remember
+                    // what it is made from now, so the next run skips it without mapping.
+                    if !self.opts.dry_run && s.source_hash != w.source {
+                        let synced = Synced {
+                            remote_id: &rid,
+                            hash: &hash,
+                            resource: &desired,
+                            members: members.as_deref().or(s.members.as_deref()),
+                            source: w.source.as_deref(),
+                        };
+                        w.writes.push(StateWrite::synced(kind, &id, synced));
+                    }
                     Ok((Action::Unchanged, "unchanged".to_string()))
                 } else {
                     w.step(|| format!("match: remote id {rid} (recorded)"));
@@ -1972,7 +2067,7 @@ impl Engine {
         let target = self.target().to_string();
         let step = match kind {
             Kind::User => match self.store.user(&target, id).await? {
-                Some((u, s)) => self.prepare_user(u, s),
+                Some((u, s)) => self.prepare_user(u, s, None),
                 None => return self.sync_gone(kind, id).await,
             },
             Kind::Group => match self.store.group(&target, id).await? {

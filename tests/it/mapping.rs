@@ -210,6 +210,37 @@ async fn edited_scripts_apply_to_a_running_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_changes_no_resource_is_remembered() {
+    let Some(env) = Env::new(Db::Sqlite, "edit_changes_no_resource").await else {
+        return;
+    };
+    env.import(ONE).await;
+    assert_eq!(env.sync().await.created, 2);
+    let source = || async {
+        env.store
+            .state("sandbox", Kind::User, "u-1")
+            .await
+            .expect("query")
+            .and_then(|s| s.source_hash)
+    };
+    let before = source().await;
+    // A new scripts version whose output is the same: mapped again, nothing sent, and what
+    // the resource is made from now is recorded, so the next run skips it without mapping.
+    env.write_mapping("user", "20-noop.rhai", "// nothing to add\n#{}");
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.unchanged, writes.len()), (2, 0), "{s:?}");
+    let after = source().await;
+    assert!(
+        after.is_some() && after != before,
+        "{before:?} -> {after:?}"
+    );
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.unchanged, writes.len()), (2, 0));
+    assert_eq!(source().await, after);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_check_against_the_targets_schemas() {
     let Some(mut env) = Env::new(Db::Sqlite, "schema_check_against_the_targets_schemas").await
     else {
