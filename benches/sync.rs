@@ -277,11 +277,12 @@ async fn bench(db: &str, n: usize) {
         );
         return;
     }
+    eprintln!("after full sync: peak RSS {:.0} MB", peak_rss_mb());
     eprintln!("no-op sync");
     let (r1, t1) = (state.requests.load(Ordering::Relaxed), Instant::now());
     let s2 = engine.full_sync(&NoProgress).await.expect("no-op sync");
     let noop = t1.elapsed().as_secs_f64();
-    eprintln!("no-op done");
+    eprintln!("no-op done: peak RSS {:.0} MB", peak_rss_mb());
     let noop_requests = state.requests.load(Ordering::Relaxed) - r1;
 
     // Change → target latency through the daemon's event consumer.
@@ -361,7 +362,9 @@ async fn bench(db: &str, n: usize) {
         cpu_seconds(),
         Instant::now(),
     );
+    eprintln!("after the daemon: peak RSS {:.0} MB", peak_rss_mb());
     let sb = bulk_engine.full_sync(&NoProgress).await.expect("bulk sync");
+    eprintln!("after bulk: peak RSS {:.0} MB", peak_rss_mb());
     let (bulk_wall, bulk_cpu) = (tb.elapsed().as_secs_f64(), cpu_seconds() - cpub);
     let bulk_requests = state.requests.load(Ordering::Relaxed) - rb;
     assert_eq!(sb.failed, 0);
