@@ -144,10 +144,30 @@ fn cpu_seconds() -> f64 {
     stat_cpu(std::path::Path::new("/proc/self/stat")) - sink
 }
 
-/// Resets the peak RSS, so the next reading covers only what follows (not the generation of
-/// the sample directory and its import).
+unsafe extern "C" {
+    /// glibc: gives freed heap back to the system.
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+/// Resets the peak RSS, so the next reading covers only what follows: the heap the sample
+/// directory's generation and import freed is given back first (glibc keeps it otherwise, and
+/// it would count as the sync's).
 fn reset_peak_rss() {
+    // SAFETY: malloc_trim only releases free memory; it touches no live allocation.
+    unsafe {
+        malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// The sink runs on its own thread and runtime, like a separate server process would.
@@ -179,6 +199,23 @@ fn bench_workers() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4)
+}
+
+/// The engine `scimsync sync --full` would make for this target.
+async fn engine_for(store: &Store, target: &TargetConfig) -> Engine {
+    Engine::new(
+        store.clone(),
+        Arc::new(TargetClient::new(target).expect("client")),
+        target.clone(),
+        Arc::new(LiveMappings::load(&target.mappings).expect("mappings")),
+        SyncOptions {
+            batch_size: 100,
+            trigger: "bench".into(),
+            workers: bench_workers(),
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 fn peak_rss_mb() -> f64 {
@@ -242,21 +279,9 @@ async fn bench(db: &str, n: usize) {
     let import_s = t.elapsed().as_secs_f64();
     drop(records);
     reset_peak_rss();
-    eprintln!("imported; syncing");
+    eprintln!("imported; syncing (RSS now {:.0} MB)", rss_mb());
 
-    let engine = Engine::new(
-        store.clone(),
-        Arc::new(TargetClient::new(&target).expect("client")),
-        target.clone(),
-        Arc::new(LiveMappings::load(&target.mappings).expect("mappings")),
-        SyncOptions {
-            batch_size: 100,
-            trigger: "bench".into(),
-            workers: bench_workers(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let engine = engine_for(&store, &target).await;
     let objects = (n + groups) as f64;
     let (r0, cpu0, t0) = (
         state.requests.load(Ordering::Relaxed),
@@ -344,19 +369,7 @@ async fn bench(db: &str, n: usize) {
     let mut bulk = target.clone();
     bulk.name = "bulk".into();
     bulk.bulk = true;
-    let bulk_engine = Engine::new(
-        store.clone(),
-        Arc::new(TargetClient::new(&bulk).expect("client")),
-        bulk.clone(),
-        Arc::new(LiveMappings::load(&bulk.mappings).expect("mappings")),
-        SyncOptions {
-            batch_size: 100,
-            trigger: "bench".into(),
-            workers: bench_workers(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let bulk_engine = engine_for(&store, &bulk).await;
     let (rb, cpub, tb) = (
         state.requests.load(Ordering::Relaxed),
         cpu_seconds(),
@@ -374,19 +387,7 @@ async fn bench(db: &str, n: usize) {
     state.latency_ms.store(5, Ordering::Relaxed);
     let mut slow = target.clone();
     slow.name = "slow".into();
-    let slow_engine = Engine::new(
-        store.clone(),
-        Arc::new(TargetClient::new(&slow).expect("client")),
-        slow.clone(),
-        Arc::new(LiveMappings::load(&slow.mappings).expect("mappings")),
-        SyncOptions {
-            batch_size: 100,
-            trigger: "bench".into(),
-            workers: bench_workers(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let slow_engine = engine_for(&store, &slow).await;
     let (r2, t2) = (state.requests.load(Ordering::Relaxed), Instant::now());
     let s3 = slow_engine.full_sync(&NoProgress).await.expect("slow sync");
     let slow_wall = t2.elapsed().as_secs_f64();

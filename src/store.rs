@@ -455,58 +455,68 @@ const UPSERT_GROUP: &str = "INSERT INTO groups (id, name, attributes, content_ha
      content_hash = excluded.content_hash, updated_at = excluded.updated_at \
      WHERE groups.content_hash <> excluded.content_hash";
 
-// Multi-row upserts: `multi_row` appends one `($a, $b, ...)` tuple per row.
-const SAVE_SYNCED: &str = "INSERT INTO sync_state (target, kind, local_id, remote_id, \
-     resource_hash, last_resource, members, updated_at, source_hash, status, last_error, \
-     attempts) VALUES ";
-const SYNCED_FIXED: &str = ", 'synced', NULL, 0";
-const SAVE_SYNCED_TAIL: &str = " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
-     remote_id = excluded.remote_id, resource_hash = excluded.resource_hash, \
-     last_resource = excluded.last_resource, source_hash = excluded.source_hash, \
-     members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
-     updated_at = excluded.updated_at, next_attempt_at = NULL";
+/// A multi-row upsert: `head`, then one `(…)` tuple of `params` placeholders (and `fixed`
+/// literal columns after them) per row, then `tail`.
+struct MultiRow {
+    head: &'static str,
+    params: usize,
+    fixed: &'static str,
+    tail: &'static str,
+}
 
-const SAVE_ATTEMPTS: &str = "INSERT INTO sync_state (target, kind, local_id, last_resource, \
-     updated_at, status, attempts) VALUES ";
-const ATTEMPT_FIXED: &str = ", 'creating', 0";
-const SAVE_ATTEMPTS_TAIL: &str = " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
-     last_resource = excluded.last_resource, updated_at = excluded.updated_at \
-     WHERE sync_state.remote_id IS NULL";
+const SAVE_SYNCED: MultiRow = MultiRow {
+    head: "INSERT INTO sync_state (target, kind, local_id, remote_id, resource_hash, \
+           last_resource, members, updated_at, source_hash, status, last_error, attempts) VALUES ",
+    params: 9,
+    fixed: ", 'synced', NULL, 0",
+    tail: " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
+           remote_id = excluded.remote_id, resource_hash = excluded.resource_hash, \
+           last_resource = excluded.last_resource, source_hash = excluded.source_hash, \
+           members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
+           updated_at = excluded.updated_at, next_attempt_at = NULL",
+};
+
+const SAVE_ATTEMPTS: MultiRow = MultiRow {
+    head: "INSERT INTO sync_state (target, kind, local_id, last_resource, updated_at, status, \
+           attempts) VALUES ",
+    params: 5,
+    fixed: ", 'creating', 0",
+    tail: " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
+           last_resource = excluded.last_resource, updated_at = excluded.updated_at \
+           WHERE sync_state.remote_id IS NULL",
+};
+
+/// How long the batch jobs of a finished run are kept (for its summary) once it ended.
+const JOBS_KEPT_MS: i64 = 10 * 60 * 1000;
 
 /// Rows per multi-row statement: 9 parameters a row stays far below both databases' limits.
 const STATE_CHUNK: usize = 100;
 
-/// `head` followed by `rows` tuples of `params` placeholders (and `fixed` literal columns
-/// after them), then `tail`. SQLite gets anonymous `?`: it looks numbered ones up by a linear
-/// scan per parameter, which costs quadratic time in a statement of a thousand parameters.
-fn multi_row(
-    numbered: bool,
-    head: &str,
-    rows: usize,
-    params: usize,
-    fixed: &str,
-    tail: &str,
-) -> String {
-    use std::fmt::Write;
-    let mut sql = String::with_capacity(head.len() + tail.len() + rows * params * 5);
-    sql.push_str(head);
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(" } else { ", (" });
-        for p in 0..params {
-            if p > 0 {
-                sql.push_str(", ");
+impl MultiRow {
+    /// The statement for `rows` rows. SQLite gets anonymous `?`: it looks numbered ones up by a
+    /// linear scan per parameter, which costs quadratic time in a statement of a thousand.
+    fn sql(&self, numbered: bool, rows: usize) -> String {
+        use std::fmt::Write;
+        let mut sql = String::with_capacity(self.head.len() + self.tail.len() + rows * 64);
+        sql.push_str(self.head);
+        for r in 0..rows {
+            sql.push_str(if r == 0 { "(" } else { ", (" });
+            for p in 0..self.params {
+                if p > 0 {
+                    sql.push_str(", ");
+                }
+                if numbered {
+                    let _ = write!(sql, "${}", r * self.params + p + 1);
+                } else {
+                    sql.push('?');
+                }
             }
-            if numbered {
-                let _ = write!(sql, "${}", r * params + p + 1);
-            } else {
-                sql.push('?');
-            }
+            sql.push_str(self.fixed);
+            sql.push(')');
         }
-        sql.push_str(fixed);
-        sql.push(')');
+        sql.push_str(self.tail);
+        sql
     }
-    sql.push_str(tail);
-    sql
 }
 
 /// Bytes of bound values per multi-row statement on PostgreSQL. sqlx does not set TCP_NODELAY:
@@ -1073,67 +1083,45 @@ impl Store {
         };
         on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
-            for chunk in chunks_by_size(&attempts, max_bytes) {
-                let sql = multi_row(
-                    numbered,
-                    SAVE_ATTEMPTS,
-                    chunk.len(),
-                    5,
-                    ATTEMPT_FIXED,
-                    SAVE_ATTEMPTS_TAIL,
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for w in chunk {
-                    if let StateWrite::Attempt {
-                        kind,
-                        local_id,
-                        resource,
-                    } = w
-                    {
-                        q = q
-                            .bind(target)
-                            .bind(kind.as_str())
-                            .bind(local_id)
-                            .bind(resource)
-                            .bind(now);
+            for (rows, statement) in [(&attempts, &SAVE_ATTEMPTS), (&synced, &SAVE_SYNCED)] {
+                for chunk in chunks_by_size(rows, max_bytes) {
+                    let sql = statement.sql(numbered, chunk.len());
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for w in chunk {
+                        q = match w {
+                            StateWrite::Attempt {
+                                kind,
+                                local_id,
+                                resource,
+                            } => q
+                                .bind(target)
+                                .bind(kind.as_str())
+                                .bind(local_id)
+                                .bind(resource)
+                                .bind(now),
+                            StateWrite::Synced {
+                                kind,
+                                local_id,
+                                remote_id,
+                                hash,
+                                resource,
+                                members,
+                                source,
+                            } => q
+                                .bind(target)
+                                .bind(kind.as_str())
+                                .bind(local_id)
+                                .bind(remote_id)
+                                .bind(hash)
+                                .bind(resource)
+                                .bind(members)
+                                .bind(now)
+                                .bind(source),
+                            StateWrite::Failed { .. } => q,
+                        };
                     }
+                    q.execute(&mut *tx).await?;
                 }
-                q.execute(&mut *tx).await?;
-            }
-            for chunk in chunks_by_size(&synced, max_bytes) {
-                let sql = multi_row(
-                    numbered,
-                    SAVE_SYNCED,
-                    chunk.len(),
-                    9,
-                    SYNCED_FIXED,
-                    SAVE_SYNCED_TAIL,
-                );
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                for w in chunk {
-                    if let StateWrite::Synced {
-                        kind,
-                        local_id,
-                        remote_id,
-                        hash,
-                        resource,
-                        members,
-                        source,
-                    } = w
-                    {
-                        q = q
-                            .bind(target)
-                            .bind(kind.as_str())
-                            .bind(local_id)
-                            .bind(remote_id)
-                            .bind(hash)
-                            .bind(resource)
-                            .bind(members)
-                            .bind(now)
-                            .bind(source);
-                    }
-                }
-                q.execute(&mut *tx).await?;
             }
             // Failures are few; each needs its own backoff from its earlier attempts.
             for w in &failed {
@@ -1533,6 +1521,16 @@ impl Store {
         let batch = batch_size.max(1) as usize;
         let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
+            // The batches of runs that ended a while ago have served their summaries (their
+            // counts stay in `runs`); kept, every claim would wade through all of history.
+            sqlx::query(
+                "DELETE FROM jobs WHERE target = $1 AND run_id IN (SELECT id FROM runs \
+                 WHERE target = $1 AND status <> 'running' AND finished_at < $2)",
+            )
+            .bind(target)
+            .bind(now - JOBS_KEPT_MS)
+            .execute(&mut *tx)
+            .await?;
             let (run_id,): (i64,) = sqlx::query_as(
                 "INSERT INTO runs (target, trigger, dry_run, started_at, status) \
                  VALUES ($1, $2, $3, $4, 'running') RETURNING id",
@@ -1589,7 +1587,13 @@ impl Store {
         }
         .await);
         match created {
-            Ok(id) => Ok((id, true)),
+            Ok(id) => {
+                // The planner must know the new jobs, or each claim scans the whole table.
+                if let Backend::Postgres(p) = &*self.backend {
+                    sqlx::query("ANALYZE jobs").execute(p).await?;
+                }
+                Ok((id, true))
+            }
             // Another process started one first: join it.
             Err(e) if is_unique_violation(&e) => match self.running_run(target).await? {
                 Some(id) => Ok((id, false)),
