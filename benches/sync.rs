@@ -306,7 +306,10 @@ async fn bench(db: &str, n: usize) {
     let (r1, t1) = (state.requests.load(Ordering::Relaxed), Instant::now());
     let s2 = engine.full_sync(&NoProgress).await.expect("no-op sync");
     let noop = t1.elapsed().as_secs_f64();
-    eprintln!("no-op done: peak RSS {:.0} MB", peak_rss_mb());
+    eprintln!(
+        "no-op done in {noop:.2} s: peak RSS {:.0} MB",
+        peak_rss_mb()
+    );
     let noop_requests = state.requests.load(Ordering::Relaxed) - r1;
 
     // Change → target latency through the daemon's event consumer.

@@ -1614,12 +1614,35 @@ impl Store {
     ) -> Result<Option<Job>, StoreError> {
         let _turn = self.write_turn().await;
         let now = now_ms();
-        let pick = "SELECT j.id FROM jobs j WHERE (j.status = 'pending' \
-             OR (j.status = 'running' AND j.lease_until < $3)) \
+        // Pending jobs first, then those whose worker died: each condition alone walks an
+        // index in claim order and stops at the first claimable job (together, every open job
+        // of the run was read and sorted for each claim: quadratic in the run's size).
+        for which in [
+            "j.status = 'pending' AND $3 > 0",
+            "j.status = 'running' AND j.lease_until < $3",
+        ] {
+            if let Some(job) = self.claim_where(which, holder, now, lease_ms, run).await? {
+                return Ok(Some(job));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn claim_where(
+        &self,
+        which: &str,
+        holder: &str,
+        now: i64,
+        lease_ms: i64,
+        run: Option<i64>,
+    ) -> Result<Option<Job>, StoreError> {
+        let pick = format!(
+            "SELECT j.id FROM jobs j WHERE {which} \
              AND ($4 IS NULL OR j.run_id = $4) \
              AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
                  AND e.status IN ('pending', 'running') AND e.phase < j.phase) \
-             ORDER BY j.run_id, j.phase, j.id LIMIT 1";
+             ORDER BY j.run_id, j.phase, j.id LIMIT 1"
+        );
         let job: Option<Job> = match &*self.backend {
             Backend::Sqlite(p) => {
                 // One statement: SQLite runs writers one at a time, so the claim is atomic.
@@ -1712,14 +1735,16 @@ impl Store {
     }
 
     /// How many jobs of a run are not done yet (cheap: no results read).
-    pub async fn run_pending(&self, run_id: i64) -> Result<i64, StoreError> {
+    /// Whether any job of the run is still pending or running (stops at the first one).
+    pub async fn run_has_open_jobs(&self, run_id: i64) -> Result<bool, StoreError> {
         let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
-            "SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'running') AND run_id = $1"
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE run_id = $1 \
+             AND status IN ('pending', 'running') LIMIT 1) open"
         )
         .bind(run_id)
         .fetch_one(p)
         .await)?;
-        Ok(n)
+        Ok(n > 0)
     }
 
     /// Jobs of a run not done yet, and the results of those that are.

@@ -511,7 +511,7 @@ impl Engine {
                 worked?;
                 continue;
             }
-            if self.store.run_pending(run_id).await? == 0 {
+            if !self.store.run_has_open_jobs(run_id).await? {
                 return Ok(());
             }
             // The rest is held by this process's other workers (the next phase waits for
@@ -565,8 +565,7 @@ impl Engine {
             tracing::warn!(target = %self.cfg.name, job = job.id, "job was taken over while running; its result is dropped");
             return Ok(());
         }
-        let pending = self.store.run_pending(job.run_id).await?;
-        if pending == 0 {
+        if !self.store.run_has_open_jobs(job.run_id).await? {
             let summary = self.run_summary(job.run_id).await?;
             let status = if summary.is_clean() {
                 "succeeded"
