@@ -265,8 +265,9 @@ struct StateCols {
     source_hash: Option<String>,
 }
 
+/// A user's own columns.
 #[derive(sqlx::FromRow)]
-struct UserRow {
+struct UserCols {
     id: String,
     username: String,
     email: Option<String>,
@@ -276,21 +277,37 @@ struct UserRow {
     active: bool,
     service_account: bool,
     attributes: String,
+}
+
+impl UserCols {
+    fn into_user(self) -> Result<User, StoreError> {
+        let attributes = attrs(&self.id, &self.attributes)?;
+        Ok(User {
+            id: self.id,
+            username: self.username,
+            email: self.email,
+            name: self.name,
+            given_name: self.given_name,
+            family_name: self.family_name,
+            active: self.active,
+            service_account: self.service_account,
+            attributes,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    #[sqlx(flatten)]
+    user: UserCols,
     #[sqlx(flatten)]
     state: StateCols,
 }
 
 #[derive(sqlx::FromRow)]
 struct UserScanRow {
-    id: String,
-    username: String,
-    email: Option<String>,
-    name: Option<String>,
-    given_name: Option<String>,
-    family_name: Option<String>,
-    active: bool,
-    service_account: bool,
-    attributes: String,
+    #[sqlx(flatten)]
+    user: UserCols,
     remote_id: Option<String>,
     status: Option<String>,
     source_hash: Option<String>,
@@ -376,22 +393,8 @@ fn orphans_from(rows: Vec<OrphanRow>) -> Result<Vec<Orphan>, StoreError> {
 
 impl UserRow {
     fn split(self) -> Result<(User, Option<SyncState>), StoreError> {
-        let state = self.state.into_state(&self.id)?;
-        let attributes = attrs(&self.id, &self.attributes)?;
-        Ok((
-            User {
-                id: self.id,
-                username: self.username,
-                email: self.email,
-                name: self.name,
-                given_name: self.given_name,
-                family_name: self.family_name,
-                active: self.active,
-                service_account: self.service_account,
-                attributes,
-            },
-            state,
-        ))
+        let state = self.state.into_state(&self.user.id)?;
+        Ok((self.user.into_user()?, state))
     }
 }
 
@@ -837,24 +840,12 @@ impl Store {
             .await)?;
         rows.into_iter()
             .map(|r| {
-                let attributes = attrs(&r.id, &r.attributes)?;
                 let summary = r.status.map(|status| StateSummary {
                     remote_id: r.remote_id,
                     status,
                     source_hash: r.source_hash,
                 });
-                let user = User {
-                    id: r.id,
-                    username: r.username,
-                    email: r.email,
-                    name: r.name,
-                    given_name: r.given_name,
-                    family_name: r.family_name,
-                    active: r.active,
-                    service_account: r.service_account,
-                    attributes,
-                };
-                Ok((user, summary))
+                Ok((r.user.into_user()?, summary))
             })
             .collect()
     }
