@@ -496,10 +496,8 @@ const JOBS_KEPT_MS: i64 = 10 * 60 * 1000;
 const STATE_CHUNK: usize = 100;
 
 impl MultiRow {
-    /// The statement for `rows` rows. SQLite gets anonymous `?`: it looks numbered ones up by a
-    /// linear scan per parameter, which costs quadratic time in a statement of a thousand.
+    /// The statement for `rows` rows.
     fn sql(&self, numbered: bool, rows: usize) -> String {
-        use std::fmt::Write;
         let mut sql = String::with_capacity(self.head.len() + self.tail.len() + rows * 64);
         sql.push_str(self.head);
         for r in 0..rows {
@@ -508,17 +506,25 @@ impl MultiRow {
                 if p > 0 {
                     sql.push_str(", ");
                 }
-                if numbered {
-                    let _ = write!(sql, "${}", r * self.params + p + 1);
-                } else {
-                    sql.push('?');
-                }
+                push_placeholder(&mut sql, numbered, r * self.params + p + 1);
             }
             sql.push_str(self.fixed);
             sql.push(')');
         }
         sql.push_str(self.tail);
         sql
+    }
+}
+
+/// Parameter `n` (1-based): `$n` where placeholders are numbered (PostgreSQL), else `?`.
+/// SQLite gets anonymous ones: it looks numbered ones up by a linear scan per parameter, which
+/// costs quadratic time in a statement of a thousand.
+fn push_placeholder(sql: &mut String, numbered: bool, n: usize) {
+    if numbered {
+        use std::fmt::Write;
+        let _ = write!(sql, "${n}");
+    } else {
+        sql.push('?');
     }
 }
 
@@ -628,6 +634,11 @@ impl Store {
             Backend::Sqlite(_) => Some(self.write_gate.lock().await),
             Backend::Postgres(_) => None,
         }
+    }
+
+    /// Whether statements built here number their placeholders (see `push_placeholder`).
+    fn numbered_placeholders(&self) -> bool {
+        matches!(&*self.backend, Backend::Postgres(_))
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -858,23 +869,21 @@ impl Store {
         ids: &[&str],
     ) -> Result<std::collections::HashMap<String, SyncState>, StoreError> {
         let mut out = std::collections::HashMap::with_capacity(ids.len());
-        let numbered = self.backend_name() == "postgres";
+        let numbered = self.numbered_placeholders();
         for chunk in ids.chunks(STATE_CHUNK) {
-            let list: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    if numbered {
-                        format!("${}", i + 3)
-                    } else {
-                        "?".into()
-                    }
-                })
-                .collect();
-            let (t, k) = if numbered { ("$1", "$2") } else { ("?", "?") };
-            let sql = format!(
-                "SELECT s.local_id, {STATE_COLS} FROM sync_state s WHERE s.target = {t} \
-                 AND s.kind = {k} AND s.local_id IN ({})",
-                list.join(", ")
-            );
+            let mut sql =
+                format!("SELECT s.local_id, {STATE_COLS} FROM sync_state s WHERE s.target = ");
+            push_placeholder(&mut sql, numbered, 1);
+            sql.push_str(" AND s.kind = ");
+            push_placeholder(&mut sql, numbered, 2);
+            sql.push_str(" AND s.local_id IN (");
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                push_placeholder(&mut sql, numbered, i + 3);
+            }
+            sql.push(')');
             let rows: Vec<OrphanRow> = on_pool!(self, |p| {
                 let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql))
                     .bind(target)
@@ -1047,10 +1056,10 @@ impl Store {
         target: &str,
         writes: Vec<StateWrite>,
     ) -> Result<(), StoreError> {
-        let _turn = self.write_turn().await;
         if writes.is_empty() {
             return Ok(());
         }
+        let _turn = self.write_turn().await;
         let now = now_ms();
         let mut attempts = Vec::new();
         let mut synced = Vec::new();
@@ -1066,7 +1075,7 @@ impl Store {
         // one statement): the last write of an object wins, as it would one at a time.
         dedup_last(&mut attempts);
         dedup_last(&mut synced);
-        let numbered = self.backend_name() == "postgres";
+        let numbered = self.numbered_placeholders();
         let max_bytes = if numbered {
             PG_STATEMENT_BYTES
         } else {
@@ -1725,7 +1734,6 @@ impl Store {
         Ok(())
     }
 
-    /// How many jobs of a run are not done yet (cheap: no results read).
     /// Whether any job of the run is still pending or running (stops at the first one).
     pub async fn run_has_open_jobs(&self, run_id: i64) -> Result<bool, StoreError> {
         let (n,): (i64,) = on_pool!(self, |p| sqlx::query_as(
