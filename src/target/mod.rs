@@ -493,7 +493,6 @@ impl TargetClient {
         Ok(created)
     }
 
-    /// GET by id; `None` when the target answers 404.
     /// One `POST /Bulk` (RFC 7644 §3.7); the answers come back in any order, each with the
     /// bulkId it was sent with.
     pub async fn bulk(
@@ -506,6 +505,7 @@ impl TargetClient {
         Ok(a.body.as_ref().map(scim::bulk_answers).unwrap_or_default())
     }
 
+    /// GET by id; `None` when the target answers 404.
     pub async fn get(&self, kind: Kind, id: &str) -> Result<Option<Value>, TargetError> {
         match self
             .send(Method::GET, &[endpoint(kind), id], &[], None)
