@@ -576,11 +576,7 @@ fn route(
             format!("no resource at {full}"),
         ));
     }
-    let segs: Vec<&str> = rel
-        .trim_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let segs = segments(rel);
     match segs.as_slice() {
         [p] if *p == sh.rules.spc_path && method == Method::GET => {
             return Ok((StatusCode::OK, Some(spc(&sh.opts, &sh.rules))));
@@ -593,21 +589,6 @@ fn route(
         }
         _ => {}
     }
-    let required = || -> Result<Value, Failure> {
-        match &body {
-            Some(Ok(v)) => Ok(v.clone()),
-            Some(Err(e)) => Err((
-                StatusCode::BAD_REQUEST,
-                Some("invalidSyntax"),
-                format!("body is not JSON: {e}"),
-            )),
-            None => Err((
-                StatusCode::BAD_REQUEST,
-                Some("invalidSyntax"),
-                "a body is required".into(),
-            )),
-        }
-    };
     let mut st = lock(&sh.store);
     authorize(sh, &st, headers)?;
     if *method != Method::GET
@@ -616,13 +597,31 @@ fn route(
         return Err(limited);
     }
     if segs.as_slice() == ["Bulk"] && *method == Method::POST {
-        return bulk(sh, &mut st, required()?);
+        return bulk(sh, &mut st, required_body(body.as_ref())?);
     }
-    let body = match body {
-        Some(Ok(v)) => Some(v),
-        _ => None,
-    };
     operation(sh, &mut st, method, rel, &segs, query, body)
+}
+
+/// A path's non-empty segments.
+fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// The request's JSON body, where one is required.
+fn required_body(body: Option<&Result<Value, String>>) -> Result<Value, Failure> {
+    match body {
+        Some(Ok(v)) => Ok(v.clone()),
+        Some(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            Some("invalidSyntax"),
+            format!("body is not JSON: {e}"),
+        )),
+        None => Err((
+            StatusCode::BAD_REQUEST,
+            Some("invalidSyntax"),
+            "a body is required".into(),
+        )),
+    }
 }
 
 /// One resource operation (a request of its own, or one of a bulk request).
@@ -633,15 +632,9 @@ fn operation(
     rel: &str,
     segs: &[&str],
     query: &HashMap<String, String>,
-    body: Option<Value>,
+    body: Option<Result<Value, String>>,
 ) -> Result<(StatusCode, Option<Value>), Failure> {
-    let body = || {
-        body.clone().ok_or((
-            StatusCode::BAD_REQUEST,
-            Some("invalidSyntax"),
-            "a body is required".to_string(),
-        ))
-    };
+    let body = || required_body(body.as_ref());
     let res = |s: &str| {
         match Res::parse(s) {
             Some(Res::Groups) if !sh.rules.groups => None,
@@ -766,7 +759,7 @@ fn bulk(
             .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
             .unwrap_or(Method::GET);
         let path = op.get("path").and_then(Value::as_str).unwrap_or_default();
-        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let segs = segments(path);
         let result = if method == Method::GET || segs.first() == Some(&"Bulk") {
             Err((
                 StatusCode::BAD_REQUEST,
@@ -781,7 +774,7 @@ fn bulk(
                 path,
                 &segs,
                 &HashMap::new(),
-                op.get("data").cloned(),
+                op.get("data").cloned().map(Ok),
             )
         };
         let mut answer = json!({"method": method.as_str()});
