@@ -259,6 +259,13 @@ fn unchanged_since_sent(status: &str, sent: bool, recorded: Option<&str>, source
     status == "synced" && sent && recorded == Some(source)
 }
 
+/// True when the target holds this resource (and these members, if given) as last sent.
+fn sent_as(s: &SyncState, hash: &str, members: Option<&[String]>) -> bool {
+    s.status == "synced"
+        && s.resource_hash.as_deref() == Some(hash)
+        && (members.is_none() || s.members.as_deref() == members)
+}
+
 /// Lets serde write straight into a digest.
 struct HashWriter<'a>(&'a mut sha2::Sha256);
 
@@ -303,8 +310,15 @@ enum Plan {
         hash: String,
         members: Option<Vec<String>>,
     },
-    /// A group that maps as before: only its members are sent.
-    Members(Vec<String>),
+    /// A group that maps as before (remote id, the resource last sent and its hash): only its
+    /// members are sent, from those last sent to these.
+    Members {
+        rid: String,
+        last: Value,
+        hash: String,
+        prev: Option<Vec<String>>,
+        members: Vec<String>,
+    },
 }
 
 impl Prepared {
@@ -722,8 +736,7 @@ impl Engine {
             let mut changed = Vec::new();
             for (u, summary) in batch {
                 let source = self.user_source(&u);
-                let in_scope = !(self.cfg.exclude_service_accounts && u.service_account);
-                if in_scope
+                if !self.excludes(&u)
                     && !self.opts.trace
                     && summary.as_ref().is_some_and(|s| {
                         unchanged_since_sent(
@@ -734,15 +747,10 @@ impl Engine {
                         )
                     })
                 {
-                    let w = Work::default();
-                    let why = "unchanged".to_string();
-                    steps.push(Step::Done(self.report(
+                    steps.push(Step::Done(self.unchanged(
                         Kind::User,
                         &u.id,
-                        w,
-                        Action::Unchanged,
-                        why,
-                        None,
+                        Work::default(),
                     )));
                 } else {
                     changed.push((u, source, summary.is_some()));
@@ -968,6 +976,16 @@ impl Engine {
         }
     }
 
+    /// An object with nothing to send.
+    fn unchanged(&self, kind: Kind, id: &str, w: Work) -> ObjectReport {
+        self.report(kind, id, w, Action::Unchanged, "unchanged".into(), None)
+    }
+
+    /// Whether the target leaves this user out (service accounts, when it excludes them).
+    fn excludes(&self, user: &User) -> bool {
+        self.cfg.exclude_service_accounts && user.service_account
+    }
+
     /// A failed object; its failure (and retry schedule) is recorded with its batch.
     fn failed(&self, kind: Kind, id: &str, mut w: Work, error: String) -> ObjectReport {
         w.step(|| format!("failed: {error}"));
@@ -1050,7 +1068,7 @@ impl Engine {
                 serde_json::to_string(&user).unwrap_or_default()
             )
         });
-        if self.cfg.exclude_service_accounts && user.service_account {
+        if self.excludes(&user) {
             let why = "service account, and the target excludes service accounts".to_string();
             return Step::Done(self.out_of_scope(Kind::User, &user.id, w, why, state));
         }
@@ -1060,14 +1078,7 @@ impl Engine {
             w.step(|| {
                 "unchanged since last sent (object, scripts and target settings): not mapped".into()
             });
-            return Step::Done(self.report(
-                Kind::User,
-                &user.id,
-                w,
-                Action::Unchanged,
-                "unchanged".into(),
-                None,
-            ));
+            return Step::Done(self.unchanged(Kind::User, &user.id, w));
         }
         w.source = Some(source);
         let object = serde_json::to_value(&user).unwrap_or(Value::Null);
@@ -1112,35 +1123,41 @@ impl Engine {
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
         let source = self.group_source(&group);
-        if Self::source_unchanged(state.as_ref(), &source)
-            && let Some(s) = state.as_ref()
-            && s.last_resource.is_some()
-            && s.resource_hash.is_some()
-        {
-            // The group itself maps as before; only its members may have moved.
-            if s.members.as_deref() == Some(remote.as_slice()) {
-                w.step(|| {
-                    "unchanged since last sent (object, scripts, target, members): not mapped"
-                        .into()
-                });
-                return Step::Done(self.report(
-                    Kind::Group,
-                    &group.id,
+        let state = match state {
+            Some(SyncState {
+                remote_id: Some(rid),
+                last_resource: Some(last),
+                resource_hash: Some(hash),
+                members: prev,
+                status,
+                source_hash,
+                ..
+            }) if unchanged_since_sent(&status, true, source_hash.as_deref(), &source) => {
+                // The group itself maps as before; only its members may have moved.
+                if prev.as_deref() == Some(remote.as_slice()) {
+                    w.step(|| {
+                        "unchanged since last sent (object, scripts, target, members): not mapped"
+                            .into()
+                    });
+                    return Step::Done(self.unchanged(Kind::Group, &group.id, w));
+                }
+                w.source = Some(source);
+                return Step::Send(Prepared {
+                    kind: Kind::Group,
+                    id: group.id,
                     w,
-                    Action::Unchanged,
-                    "unchanged".into(),
-                    None,
-                ));
+                    state: None,
+                    plan: Plan::Members {
+                        rid,
+                        last,
+                        hash,
+                        prev,
+                        members: remote,
+                    },
+                });
             }
-            w.source = Some(source);
-            return Step::Send(Prepared {
-                kind: Kind::Group,
-                id: group.id,
-                w,
-                state,
-                plan: Plan::Members(remote),
-            });
-        }
+            other => other,
+        };
         w.source = Some(source);
         let object = serde_json::to_value(&group).unwrap_or(Value::Null);
         let mapped = self.map(Kind::Group, &object, &mut w);
@@ -1249,24 +1266,22 @@ impl Engine {
         } = p;
         let s = state.unwrap_or_default();
         let (desired, hash, members) = match plan {
-            Plan::Members(members) => {
-                // Checked when prepared: the group was sent before and maps as before.
-                let (Some(rid), Some(last), Some(hash)) = (
-                    s.remote_id.as_deref(),
-                    s.last_resource.as_ref(),
-                    s.resource_hash.as_deref(),
-                ) else {
-                    return self.failed(kind, &id, w, "incomplete state".into());
-                };
+            Plan::Members {
+                rid,
+                last,
+                hash,
+                prev,
+                members,
+            } => {
                 let result = self
                     .update(
                         kind,
                         &id,
-                        rid,
-                        Some(last),
-                        last,
-                        hash,
-                        s.members.as_deref(),
+                        &rid,
+                        Some(&last),
+                        &last,
+                        &hash,
+                        prev.as_deref(),
                         Some(&members),
                         true,
                         &mut w,
@@ -1298,9 +1313,7 @@ impl Engine {
                 .await
             }
             Some(rid) => {
-                let same_members = members.is_none() || s.members.as_deref() == members.as_deref();
-                if s.status == "synced" && s.resource_hash.as_deref() == Some(&hash) && same_members
-                {
+                if sent_as(&s, &hash, members.as_deref()) {
                     w.step(|| {
                         format!("match: remote id {rid} (recorded); unchanged since last sent")
                     });
@@ -1423,7 +1436,7 @@ impl Engine {
             None => None,
             Some(rid) => {
                 let s = s?;
-                if s.status == "synced" && s.resource_hash.as_deref() == Some(hash.as_str()) {
+                if sent_as(s, hash, None) {
                     return None;
                 }
                 if !self.use_patch(Kind::User) {
