@@ -322,12 +322,9 @@ struct GroupRow {
     state: StateCols,
 }
 
-#[derive(sqlx::FromRow)]
-struct MemberRow {
-    group_id: String,
-    user_id: String,
-    remote_id: Option<String>,
-}
+/// One member of a batch's members as the range query returns them.
+#[derive(serde::Deserialize)]
+struct MemberRow(String, String, Option<String>);
 
 #[derive(sqlx::FromRow)]
 struct OrphanRow {
@@ -435,12 +432,33 @@ const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resou
 // A member leaving the target in the current run has no remote id to offer. The member's
 // state is a subquery so that it is one index lookup per member whatever the table statistics
 // say (the state table fills during a first run, after they were taken; a join planned from
-// them read every user's state for each batch).
-const MEMBERS_RANGE: &str = "SELECT m.group_id, m.user_id, \
+// them read every user's state for each batch). A batch's members (20 a group, 2,000 a batch)
+// come as one JSON array of [group, user, remote id] in one row: row by row, SQLite's driver
+// hands each row from its thread to ours, and those hand-offs were most of a no-op sync's
+// group phase.
+const MEMBERS_RANGE_SQLITE: &str = "SELECT json_group_array(json_array(m.group_id, m.user_id, \
      (SELECT CASE WHEN s.status = 'leaving' THEN NULL ELSE s.remote_id END FROM sync_state s \
-      WHERE s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id) AS remote_id \
-     FROM memberships m \
-     WHERE m.group_id >= $2 AND m.group_id <= $3 ORDER BY m.group_id, m.user_id";
+      WHERE s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id)) \
+     ORDER BY m.group_id, m.user_id) \
+     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3";
+
+const MEMBERS_RANGE_POSTGRES: &str = "SELECT COALESCE(json_agg(json_build_array(m.group_id, m.user_id, \
+     (SELECT CASE WHEN s.status = 'leaving' THEN NULL ELSE s.remote_id END FROM sync_state s \
+      WHERE s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id)) \
+     ORDER BY m.group_id, m.user_id), '[]')::text \
+     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3";
+
+// Pending jobs first, then those whose worker died: each condition alone walks an index in
+// claim order and stops at the first claimable job (together, every open job of the run was
+// read and sorted for each claim: quadratic in the run's size). `$3 > 0` only gives both the
+// same parameters.
+const CLAIM_ORDER: [&str; 2] = [
+    "j.status = 'pending' AND $3 > 0",
+    "j.status = 'running' AND j.lease_until < $3",
+];
+
+const FINISH_JOB: &str = "UPDATE jobs SET status = 'done', result = $3, lease_until = NULL \
+     WHERE id = $1 AND holder = $2 AND status = 'running'";
 
 const UPSERT_USER: &str = "INSERT INTO users (id, username, email, name, given_name, family_name, \
      active, service_account, attributes, content_hash, updated_at) \
@@ -954,22 +972,31 @@ impl Store {
             return Ok(Vec::new());
         };
         // One range query for the whole batch: the batch is a contiguous id range.
-        let members: Vec<MemberRow> = on_pool!(self, |p| sqlx::query_as(MEMBERS_RANGE)
+        let sql = match &*self.backend {
+            Backend::Sqlite(_) => MEMBERS_RANGE_SQLITE,
+            Backend::Postgres(_) => MEMBERS_RANGE_POSTGRES,
+        };
+        let (json,): (String,) = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(&first.id)
             .bind(&last.id)
-            .fetch_all(p)
+            .fetch_one(p)
             .await)?;
+        let members: Vec<MemberRow> =
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                what: "members",
+                id: format!("groups {} to {}", first.id, last.id),
+                message: e.to_string(),
+            })?;
         let mut members = members.into_iter().peekable();
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut list = Vec::new();
-            while let Some(m) = members.next_if(|m| m.group_id <= row.id) {
-                if m.group_id == row.id {
-                    list.push(Member {
-                        user_id: m.user_id,
-                        remote_id: m.remote_id,
-                    });
+            while let Some(MemberRow(group_id, user_id, remote_id)) =
+                members.next_if(|m| m.0 <= row.id)
+            {
+                if group_id == row.id {
+                    list.push(Member { user_id, remote_id });
                 }
             }
             let state = row.state.into_state(&row.id)?;
@@ -1614,13 +1641,7 @@ impl Store {
     ) -> Result<Option<Job>, StoreError> {
         let _turn = self.write_turn().await;
         let now = now_ms();
-        // Pending jobs first, then those whose worker died: each condition alone walks an
-        // index in claim order and stops at the first claimable job (together, every open job
-        // of the run was read and sorted for each claim: quadratic in the run's size).
-        for which in [
-            "j.status = 'pending' AND $3 > 0",
-            "j.status = 'running' AND j.lease_until < $3",
-        ] {
+        for which in CLAIM_ORDER {
             if let Some(job) = self.claim_where(which, holder, now, lease_ms, run).await? {
                 return Ok(Some(job));
             }
@@ -1636,6 +1657,20 @@ impl Store {
         lease_ms: i64,
         run: Option<i64>,
     ) -> Result<Option<Job>, StoreError> {
+        let sql = self.claim_sql(which);
+        let job: Option<Job> = on_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(holder)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(run)
+            .fetch_optional(p)
+            .await)?;
+        Ok(job)
+    }
+
+    /// The statement that claims the first claimable job matching `which` ($1 holder,
+    /// $2 lease end, $3 now, $4 run or NULL).
+    fn claim_sql(&self, which: &str) -> String {
         let pick = format!(
             "SELECT j.id FROM jobs j WHERE {which} \
              AND ($4 IS NULL OR j.run_id = $4) \
@@ -1643,37 +1678,64 @@ impl Store {
                  AND e.status IN ('pending', 'running') AND e.phase < j.phase) \
              ORDER BY j.run_id, j.phase, j.id LIMIT 1"
         );
-        let job: Option<Job> = match &*self.backend {
-            Backend::Sqlite(p) => {
-                // One statement: SQLite runs writers one at a time, so the claim is atomic.
-                let sql = format!(
-                    "UPDATE jobs SET status = 'running', holder = $1, lease_until = $2, \
-                     attempts = attempts + 1 WHERE id = ({pick}) RETURNING {JOB_COLS}"
-                );
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(holder)
-                    .bind(now + lease_ms)
-                    .bind(now)
-                    .bind(run)
-                    .fetch_optional(p)
-                    .await?
-            }
-            Backend::Postgres(p) => {
-                let sql = format!(
-                    "UPDATE jobs SET status = 'running', holder = $1, lease_until = $2, \
-                     attempts = attempts + 1 WHERE id = ({pick} FOR UPDATE SKIP LOCKED) \
-                     RETURNING {JOB_COLS}"
-                );
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(holder)
-                    .bind(now + lease_ms)
-                    .bind(now)
-                    .bind(run)
-                    .fetch_optional(p)
-                    .await?
-            }
+        // SQLite runs writers one at a time, so its one statement is atomic as it is.
+        let lock = match &*self.backend {
+            Backend::Sqlite(_) => "",
+            Backend::Postgres(_) => " FOR UPDATE SKIP LOCKED",
         };
-        Ok(job)
+        format!(
+            "UPDATE jobs SET status = 'running', holder = $1, lease_until = $2, \
+             attempts = attempts + 1 WHERE id = ({pick}{lock}) RETURNING {JOB_COLS}"
+        )
+    }
+
+    /// Records a finished job's result and claims the run's next job in one transaction:
+    /// one commit a batch instead of two (the claims and results of a no-op sync were most
+    /// of its time, waiting for SQLite's one writer). Returns whether the result was
+    /// recorded (false: the job was taken over) and the job claimed, if any.
+    pub async fn finish_and_claim(
+        &self,
+        done: &Job,
+        holder: &str,
+        result: &Value,
+        lease_ms: i64,
+    ) -> Result<(bool, Option<Job>), StoreError> {
+        let _turn = self.write_turn().await;
+        let now = now_ms();
+        let result = result.to_string();
+        let claims = CLAIM_ORDER.map(|which| self.claim_sql(which));
+        macro_rules! in_tx {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await?;
+                let finished = sqlx::query(FINISH_JOB)
+                    .bind(done.id)
+                    .bind(holder)
+                    .bind(&result)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    > 0;
+                let mut next: Option<Job> = None;
+                for sql in &claims {
+                    next = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+                        .bind(holder)
+                        .bind(now + lease_ms)
+                        .bind(now)
+                        .bind(done.run_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if next.is_some() {
+                        break;
+                    }
+                }
+                tx.commit().await?;
+                (finished, next)
+            }};
+        }
+        Ok(match &*self.backend {
+            Backend::Sqlite(p) => in_tx!(p),
+            Backend::Postgres(p) => in_tx!(p),
+        })
     }
 
     /// Extends a job's lease; false when the job is no longer this holder's.
@@ -1706,16 +1768,13 @@ impl Store {
         result: &Value,
     ) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
-        let n = on_pool!(self, |p| sqlx::query(
-            "UPDATE jobs SET status = 'done', result = $3, lease_until = NULL \
-             WHERE id = $1 AND holder = $2 AND status = 'running'"
-        )
-        .bind(id)
-        .bind(holder)
-        .bind(result.to_string())
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
+        let n = on_pool!(self, |p| sqlx::query(FINISH_JOB)
+            .bind(id)
+            .bind(holder)
+            .bind(result.to_string())
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(n > 0)
     }
 

@@ -490,6 +490,7 @@ impl Engine {
     }
 
     /// One of this process's workers on a run: claims and works its jobs until none is left.
+    /// A job's result is recorded in the same transaction that claims the next one.
     async fn work_run(
         &self,
         run_id: i64,
@@ -498,12 +499,10 @@ impl Engine {
         phase: &std::sync::Mutex<i64>,
         finished: &tokio::sync::Notify,
     ) -> Result<(), SyncError> {
+        let lease = self.opts.job_lease_ms;
+        let mut next = self.store.claim_job(holder, lease, Some(run_id)).await?;
         loop {
-            if let Some(job) = self
-                .store
-                .claim_job(holder, self.opts.job_lease_ms, Some(run_id))
-                .await?
-            {
+            if let Some(job) = next.take() {
                 let new_phase = {
                     let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
                     let new = job.phase > *p;
@@ -520,9 +519,27 @@ impl Engine {
                     };
                     progress.phase(self.target(), name, total);
                 }
-                let worked = self.work_job(&job, holder, progress).await;
+                let part = self.run_leased(&job, holder, progress).await;
+                let part = match part {
+                    Ok(part) => part,
+                    Err(e) => {
+                        finished.notify_waiters();
+                        return Err(e);
+                    }
+                };
+                let value = serde_json::to_value(&part).unwrap_or(Value::Null);
+                let (recorded, claimed) = self
+                    .store
+                    .finish_and_claim(&job, holder, &value, lease)
+                    .await?;
+                if !recorded {
+                    self.taken_over(&job);
+                }
+                if claimed.is_none() {
+                    self.close_if_complete(job.run_id).await?;
+                }
                 finished.notify_waiters();
-                worked?;
+                next = claimed;
                 continue;
             }
             if !self.store.run_has_open_jobs(run_id).await? {
@@ -531,6 +548,7 @@ impl Engine {
             // The rest is held by this process's other workers (the next phase waits for
             // them) or by other processes; a dead one's lease expires and its job comes back.
             let _ = tokio::time::timeout(Duration::from_millis(200), finished.notified()).await;
+            next = self.store.claim_job(holder, lease, Some(run_id)).await?;
         }
     }
 
@@ -557,6 +575,22 @@ impl Engine {
         holder: &str,
         progress: &dyn Progress,
     ) -> Result<(), SyncError> {
+        let part = self.run_leased(job, holder, progress).await?;
+        let value = serde_json::to_value(&part).unwrap_or(Value::Null);
+        if !self.store.finish_job(job.id, holder, &value).await? {
+            self.taken_over(job);
+            return Ok(());
+        }
+        self.close_if_complete(job.run_id).await
+    }
+
+    /// Runs one claimed job while a task keeps renewing its lease.
+    async fn run_leased(
+        &self,
+        job: &Job,
+        holder: &str,
+        progress: &dyn Progress,
+    ) -> Result<RunSummary, SyncError> {
         let lease = self.opts.job_lease_ms;
         let renew = {
             let store = self.store.clone();
@@ -573,30 +607,34 @@ impl Engine {
         };
         let result = self.run_job(job, progress).await;
         renew.abort();
-        let part = result?;
-        let value = serde_json::to_value(&part).unwrap_or(Value::Null);
-        if !self.store.finish_job(job.id, holder, &value).await? {
-            tracing::warn!(target = %self.cfg.name, job = job.id, "job was taken over while running; its result is dropped");
+        result
+    }
+
+    fn taken_over(&self, job: &Job) {
+        tracing::warn!(target = %self.cfg.name, job = job.id, "job was taken over while running; its result is dropped");
+    }
+
+    /// Completes the run once none of its jobs is open any more.
+    async fn close_if_complete(&self, run_id: i64) -> Result<(), SyncError> {
+        if self.store.run_has_open_jobs(run_id).await? {
             return Ok(());
         }
-        if !self.store.run_has_open_jobs(job.run_id).await? {
-            let summary = self.run_summary(job.run_id).await?;
-            let status = if summary.is_clean() {
-                "succeeded"
-            } else {
-                "failed"
-            };
-            let detail = summary
-                .held_back
-                .clone()
-                .or_else(|| (!summary.notes.is_empty()).then(|| summary.notes.join("; ")));
-            if self
-                .store
-                .complete_run(job.run_id, status, &summary.counts(), detail.as_deref())
-                .await?
-            {
-                metrics::counter!("scimsync_runs_total", "target" => self.cfg.name.clone(), "result" => status).increment(1);
-            }
+        let summary = self.run_summary(run_id).await?;
+        let status = if summary.is_clean() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        let detail = summary
+            .held_back
+            .clone()
+            .or_else(|| (!summary.notes.is_empty()).then(|| summary.notes.join("; ")));
+        if self
+            .store
+            .complete_run(run_id, status, &summary.counts(), detail.as_deref())
+            .await?
+        {
+            metrics::counter!("scimsync_runs_total", "target" => self.cfg.name.clone(), "result" => status).increment(1);
         }
         Ok(())
     }
