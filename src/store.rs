@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
+use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
@@ -1689,10 +1690,11 @@ impl Store {
         )
     }
 
-    /// Records a finished job's result and claims the run's next job in one transaction:
-    /// one commit a batch instead of two (the claims and results of a no-op sync were most
-    /// of its time, waiting for SQLite's one writer). Returns whether the result was
-    /// recorded (false: the job was taken over) and the job claimed, if any.
+    /// Records a finished job's result and claims the run's next job at once: one commit a
+    /// batch instead of two (the claims and results of a no-op sync were most of its time,
+    /// queued for SQLite's one writer or waiting on round trips to PostgreSQL). Returns
+    /// whether the result was recorded (false: the job was taken over) and the job claimed.
+    /// None may still leave jobs to claim (a next phase, expired leases): `claim_job` looks.
     pub async fn finish_and_claim(
         &self,
         done: &Job,
@@ -1703,11 +1705,12 @@ impl Store {
         let _turn = self.write_turn().await;
         let now = now_ms();
         let result = result.to_string();
-        let claims = CLAIM_ORDER.map(|which| self.claim_sql(which));
-        macro_rules! in_tx {
-            ($pool:expr) => {{
-                let mut tx = $pool.begin().await?;
-                let finished = sqlx::query(FINISH_JOB)
+        let claim = self.claim_sql(CLAIM_ORDER[0]);
+        match &*self.backend {
+            Backend::Sqlite(p) => {
+                // In-process round trips are cheap; one transaction, so one commit.
+                let mut tx = p.begin().await?;
+                let recorded = sqlx::query(FINISH_JOB)
                     .bind(done.id)
                     .bind(holder)
                     .bind(&result)
@@ -1715,27 +1718,45 @@ impl Store {
                     .await?
                     .rows_affected()
                     > 0;
-                let mut next: Option<Job> = None;
-                for sql in &claims {
-                    next = sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
-                        .bind(holder)
-                        .bind(now + lease_ms)
-                        .bind(now)
-                        .bind(done.run_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    if next.is_some() {
-                        break;
-                    }
-                }
+                let next: Option<Job> = sqlx::query_as(sqlx::AssertSqlSafe(claim))
+                    .bind(holder)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind(done.run_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 tx.commit().await?;
-                (finished, next)
-            }};
+                Ok((recorded, next))
+            }
+            Backend::Postgres(p) => {
+                // One statement, one round trip. Its claim sees the table as it was before
+                // the statement (the finished job still running), so the first job of the
+                // next phase is left to `claim_job`.
+                let sql = format!(
+                    "WITH done AS (UPDATE jobs SET status = 'done', result = $5, \
+                     lease_until = NULL WHERE id = $6 AND holder = $1 AND status = 'running' \
+                     RETURNING id), claimed AS ({claim}) \
+                     SELECT (SELECT COUNT(*) FROM done) AS recorded, claimed.* \
+                     FROM (SELECT 1) one LEFT JOIN claimed ON true"
+                );
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(holder)
+                    .bind(now + lease_ms)
+                    .bind(now)
+                    .bind(done.run_id)
+                    .bind(&result)
+                    .bind(done.id)
+                    .fetch_one(p)
+                    .await?;
+                let recorded: i64 = row.try_get("recorded")?;
+                let id: Option<i64> = row.try_get("id")?;
+                let next = match id {
+                    Some(_) => Some(<Job as sqlx::FromRow<_>>::from_row(&row)?),
+                    None => None,
+                };
+                Ok((recorded > 0, next))
+            }
         }
-        Ok(match &*self.backend {
-            Backend::Sqlite(p) => in_tx!(p),
-            Backend::Postgres(p) => in_tx!(p),
-        })
     }
 
     /// Extends a job's lease; false when the job is no longer this holder's.

@@ -539,7 +539,11 @@ impl Engine {
                     self.close_if_complete(job.run_id).await?;
                 }
                 finished.notify_waiters();
-                next = claimed;
+                next = match claimed {
+                    Some(job) => Some(job),
+                    // The next phase's first job, or one whose lease expired.
+                    None => self.store.claim_job(holder, lease, Some(run_id)).await?,
+                };
                 continue;
             }
             if !self.store.run_has_open_jobs(run_id).await? {
