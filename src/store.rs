@@ -1570,37 +1570,26 @@ impl Store {
             .fetch_one(&mut *tx)
             .await?;
             for (phase, table) in [(0i64, "users"), (1, "groups")] {
-                let ids: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT id FROM {table} ORDER BY id"
+                // Contiguous ranges (after, until] of `batch` ids covering every id, the last
+                // one open-ended, so objects added while the run goes are not missed. Made by
+                // the database in one statement: every batch-th id but the last is a bound.
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "WITH bounds AS (SELECT id FROM (SELECT id, \
+                         ROW_NUMBER() OVER (ORDER BY id) AS n, COUNT(*) OVER () AS total \
+                         FROM {table}) numbered WHERE n % $4 = 0 AND n < total), \
+                     ranges AS (SELECT COALESCE(LAG(id) OVER (ORDER BY id), '') AS after_id, \
+                         id AS until_id FROM bounds \
+                       UNION ALL SELECT COALESCE((SELECT MAX(id) FROM bounds), ''), NULL) \
+                     INSERT INTO jobs (run_id, target, phase, after_id, until_id, status) \
+                     SELECT $1, $2, $3, after_id, until_id, 'pending' FROM ranges \
+                     ORDER BY until_id IS NULL, until_id"
                 )))
-                .fetch_all(&mut *tx)
+                .bind(run_id)
+                .bind(target)
+                .bind(phase)
+                .bind(batch as i64)
+                .execute(&mut *tx)
                 .await?;
-                // Contiguous ranges (after, until] covering every id, the last one open-ended,
-                // so objects added while the run goes are not missed.
-                let mut bounds: Vec<(String, Option<String>)> = Vec::new();
-                let mut after = String::new();
-                for chunk in ids.chunks(batch) {
-                    let until = chunk.last().map(|(id,)| id.clone());
-                    bounds.push((after.clone(), until.clone()));
-                    after = until.unwrap_or_default();
-                }
-                match bounds.last_mut() {
-                    Some(last) => last.1 = None,
-                    None => bounds.push((String::new(), None)),
-                }
-                for (after, until) in bounds {
-                    sqlx::query(
-                        "INSERT INTO jobs (run_id, target, phase, after_id, until_id, status) \
-                         VALUES ($1, $2, $3, $4, $5, 'pending')",
-                    )
-                    .bind(run_id)
-                    .bind(target)
-                    .bind(phase)
-                    .bind(after)
-                    .bind(until)
-                    .execute(&mut *tx)
-                    .await?;
-                }
             }
             sqlx::query(
                 "INSERT INTO jobs (run_id, target, phase, after_id, until_id, status) \

@@ -392,3 +392,71 @@ async fn two_daemons_share_one_run_without_writing_twice_and_the_cron_fires_once
     );
     env.finish().await;
 }
+
+/// A run's batches are contiguous id ranges (after, until] of at most `batch_size` objects that
+/// cover every object, the last open-ended; users first, then groups, then deprovisioning.
+async fn run_batches_cover_the_directory_in_ranges(db: Db) {
+    let Some(env) = Env::new(db, "run_batches_ranges").await else {
+        return;
+    };
+    let mut imported = 0;
+    for (i, n) in [0usize, 1, 100, 200, 250].into_iter().enumerate() {
+        let lines: String = (imported..n)
+            .map(|u| {
+                format!("{{\"kind\":\"user\",\"id\":\"u-{u:03}\",\"username\":\"user{u:03}\"}}\n")
+            })
+            .collect();
+        env.import(&lines).await;
+        imported = n;
+        let target = format!("t{i}");
+        let (run, _) = env
+            .store
+            .start_run_with_jobs(&target, "test", 100)
+            .await
+            .expect("run");
+        let mut jobs = Vec::new();
+        while let Some(job) = env
+            .store
+            .claim_job("test", 60_000, Some(run))
+            .await
+            .expect("claim")
+        {
+            assert!(
+                env.store
+                    .finish_job(job.id, "test", &serde_json::json!({}))
+                    .await
+                    .expect("finish")
+            );
+            jobs.push(job);
+        }
+        let phases: Vec<i64> = jobs.iter().map(|j| j.phase).collect();
+        let users: Vec<_> = jobs.iter().filter(|j| j.phase == 0).collect();
+        assert_eq!(users.len(), n.div_ceil(100).max(1), "{n} users: {jobs:?}");
+        assert_eq!(phases[users.len()..], [1, 2], "{n} users: {jobs:?}");
+        // Contiguous, starting at the beginning, the last one open-ended.
+        assert_eq!(users[0].after_id, "");
+        assert_eq!(users[users.len() - 1].until_id, None);
+        for pair in users.windows(2) {
+            assert_eq!(pair[0].until_id.as_deref(), Some(pair[1].after_id.as_str()));
+        }
+        // Every user in exactly one range, at most 100 in each.
+        let ids: Vec<String> = (0..n).map(|u| format!("u-{u:03}")).collect();
+        for job in &users {
+            let inside = ids
+                .iter()
+                .filter(|id| {
+                    id.as_str() > job.after_id.as_str()
+                        && job
+                            .until_id
+                            .as_deref()
+                            .is_none_or(|until| id.as_str() <= until)
+                })
+                .count();
+            assert!(inside <= 100, "{n} users: {inside} in {job:?}");
+            assert!(n == 0 || inside > 0, "{n} users: empty {job:?}");
+        }
+    }
+    env.finish().await;
+}
+
+on_both_databases!(run_batches_cover_the_directory_in_ranges);
