@@ -500,37 +500,45 @@ impl Engine {
         finished: &tokio::sync::Notify,
     ) -> Result<(), SyncError> {
         let lease = self.opts.job_lease_ms;
-        let mut next = self.store.claim_job(holder, lease, Some(run_id)).await?;
+        // The job the last result's transaction claimed; when none, an ordinary claim looks
+        // for the next phase's first job or one whose lease expired.
+        let mut next = None;
         loop {
-            if let Some(job) = next.take() {
-                let new_phase = {
-                    let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
-                    let new = job.phase > *p;
-                    if new {
-                        *p = job.phase;
-                    }
-                    new
-                };
-                if new_phase {
-                    let (name, total) = match job.phase {
-                        0 => ("users", self.store.count(Kind::User).await? as u64),
-                        1 => ("groups", self.store.count(Kind::Group).await? as u64),
-                        _ => ("deprovision", 0),
-                    };
-                    progress.phase(self.target(), name, total);
+            let claimed = match next.take() {
+                Some(job) => Some(job),
+                None => self.store.claim_job(holder, lease, Some(run_id)).await?,
+            };
+            let Some(job) = claimed else {
+                if !self.store.run_has_open_jobs(run_id).await? {
+                    return Ok(());
                 }
-                let part = self.run_leased(&job, holder, progress).await;
-                let part = match part {
-                    Ok(part) => part,
-                    Err(e) => {
-                        finished.notify_waiters();
-                        return Err(e);
-                    }
+                // The rest is held by this process's other workers (the next phase waits for
+                // them) or by other processes; a dead one's lease expires and its job comes
+                // back.
+                let _ = tokio::time::timeout(Duration::from_millis(200), finished.notified()).await;
+                continue;
+            };
+            let new_phase = {
+                let mut p = phase.lock().unwrap_or_else(|e| e.into_inner());
+                let new = job.phase > *p;
+                if new {
+                    *p = job.phase;
+                }
+                new
+            };
+            if new_phase {
+                let (name, total) = match job.phase {
+                    0 => ("users", self.store.count(Kind::User).await? as u64),
+                    1 => ("groups", self.store.count(Kind::Group).await? as u64),
+                    _ => ("deprovision", 0),
                 };
-                let value = serde_json::to_value(&part).unwrap_or(Value::Null);
+                progress.phase(self.target(), name, total);
+            }
+            let worked = async {
+                let result = self.run_leased(&job, holder, progress).await?;
                 let (recorded, claimed) = self
                     .store
-                    .finish_and_claim(&job, holder, &value, lease)
+                    .finish_and_claim(&job, holder, &result, lease)
                     .await?;
                 if !recorded {
                     self.taken_over(&job);
@@ -538,21 +546,11 @@ impl Engine {
                 if claimed.is_none() {
                     self.close_if_complete(job.run_id).await?;
                 }
-                finished.notify_waiters();
-                next = match claimed {
-                    Some(job) => Some(job),
-                    // The next phase's first job, or one whose lease expired.
-                    None => self.store.claim_job(holder, lease, Some(run_id)).await?,
-                };
-                continue;
+                Ok::<_, SyncError>(claimed)
             }
-            if !self.store.run_has_open_jobs(run_id).await? {
-                return Ok(());
-            }
-            // The rest is held by this process's other workers (the next phase waits for
-            // them) or by other processes; a dead one's lease expires and its job comes back.
-            let _ = tokio::time::timeout(Duration::from_millis(200), finished.notified()).await;
-            next = self.store.claim_job(holder, lease, Some(run_id)).await?;
+            .await;
+            finished.notify_waiters();
+            next = worked?;
         }
     }
 
@@ -579,22 +577,22 @@ impl Engine {
         holder: &str,
         progress: &dyn Progress,
     ) -> Result<(), SyncError> {
-        let part = self.run_leased(job, holder, progress).await?;
-        let value = serde_json::to_value(&part).unwrap_or(Value::Null);
-        if !self.store.finish_job(job.id, holder, &value).await? {
+        let result = self.run_leased(job, holder, progress).await?;
+        if !self.store.finish_job(job.id, holder, &result).await? {
             self.taken_over(job);
             return Ok(());
         }
         self.close_if_complete(job.run_id).await
     }
 
-    /// Runs one claimed job while a task keeps renewing its lease.
+    /// Runs one claimed job while a task keeps renewing its lease; returns the result to
+    /// record.
     async fn run_leased(
         &self,
         job: &Job,
         holder: &str,
         progress: &dyn Progress,
-    ) -> Result<RunSummary, SyncError> {
+    ) -> Result<Value, SyncError> {
         let lease = self.opts.job_lease_ms;
         let renew = {
             let store = self.store.clone();
@@ -611,7 +609,7 @@ impl Engine {
         };
         let result = self.run_job(job, progress).await;
         renew.abort();
-        result
+        Ok(serde_json::to_value(&result?).unwrap_or(Value::Null))
     }
 
     fn taken_over(&self, job: &Job) {
