@@ -16,7 +16,7 @@ use crate::config::{Config, ConfigError, TargetConfig};
 use crate::directory::{self, Kind, Record};
 use crate::mapping::{LiveMappings, MapOutcome, Mappings, TargetInfo};
 use crate::sandbox::{self, OAuthClient, SandboxOptions, SandboxProfile};
-use crate::store::Store;
+use crate::store::{Scanned, Store};
 use crate::sync::{Engine, NoProgress, Progress, RunSummary, SyncOptions};
 use crate::target::TargetClient;
 
@@ -558,21 +558,24 @@ async fn export(store: &Store) -> Result<ExitCode> {
     // The export names no target: the state columns it joins are ignored.
     let mut after = String::new();
     loop {
-        let batch = store.user_scan("", &after, None, 1000).await?;
-        let Some((last, _)) = batch.last() else { break };
-        after = last.id.clone();
-        for (u, _) in &batch {
-            writeln!(out, "{}", directory::export_user(u))?;
+        // No fingerprint: every user is read in full.
+        let batch = store.user_scan("", &after, None, 1000, None, false).await?;
+        let Some(last) = batch.last() else { break };
+        after = last.id().to_string();
+        for scanned in &batch {
+            if let Scanned::Read(u, _, _) = scanned {
+                writeln!(out, "{}", directory::export_user(u))?;
+            }
         }
     }
     let mut after = String::new();
     loop {
         let batch = store.group_batch("", &after, None, 1000).await?;
-        let Some((last, _, _)) = batch.last() else {
+        let Some((last, ..)) = batch.last() else {
             break;
         };
         after = last.id.clone();
-        for (g, _, _) in &batch {
+        for (g, ..) in &batch {
             writeln!(out, "{}", directory::export_group(g))?;
         }
     }
@@ -607,14 +610,14 @@ async fn mapping_test(
             }
         }
         (Some(id), _, _) => {
-            let (u, _) = store
+            let (u, ..) = store
                 .user(&t.name, &id)
                 .await?
                 .ok_or_else(|| anyhow!("no user {id:?} in the directory"))?;
             (Kind::User, m.map_user(&u, &info))
         }
         (_, Some(id), _) => {
-            let (g, _, _) = store
+            let (g, ..) = store
                 .group(&t.name, &id)
                 .await?
                 .ok_or_else(|| anyhow!("no group {id:?} in the directory"))?;

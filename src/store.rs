@@ -71,6 +71,17 @@ pub struct SyncState {
     pub attempts: i64,
     /// Hash of what the last resource sent was made from (object, scripts, target settings).
     pub source_hash: Option<String>,
+    /// The scripts and settings fingerprint and the directory row's revision it was made from.
+    pub source_key: Option<String>,
+}
+
+/// What a resource is made from, recorded with it so the next run can skip the object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Hash of the directory object, the scripts' version and the target's settings.
+    pub hash: String,
+    /// `"<scripts and settings fingerprint>:<row revision>"`: compared by the scan itself.
+    pub key: String,
 }
 
 /// One change to an object's sync state, applied with the rest of its batch by
@@ -92,7 +103,14 @@ pub enum StateWrite {
         hash: String,
         resource: String,
         members: Option<String>,
-        source: Option<String>,
+        source: Option<Source>,
+    },
+    /// The same resource, now known to be made from a new revision of its row or new scripts
+    /// (a host rewrote the row unchanged, or the state predates revisions).
+    Key {
+        kind: Kind,
+        local_id: String,
+        key: String,
     },
     /// A failure: what is known of the remote object stays, and the next attempt is scheduled
     /// with exponential backoff (30 s doubling, at most an hour, with jitter).
@@ -120,7 +138,15 @@ impl StateWrite {
             hash: s.hash.to_string(),
             resource: s.resource.to_string(),
             members: s.members.map(|m| Value::from(m.to_vec()).to_string()),
-            source: s.source.map(str::to_string),
+            source: s.source.cloned(),
+        }
+    }
+
+    pub fn key(kind: Kind, local_id: &str, key: &str) -> StateWrite {
+        StateWrite::Key {
+            kind,
+            local_id: local_id.to_string(),
+            key: key.to_string(),
         }
     }
 
@@ -152,18 +178,20 @@ impl StateWrite {
                     + hash.len()
                     + resource.len()
                     + members.as_ref().map_or(0, String::len)
-                    + source.as_ref().map_or(0, String::len)
+                    + source.as_ref().map_or(0, |s| s.hash.len() + s.key.len())
             }
+            StateWrite::Key { local_id, key, .. } => local_id.len() + key.len(),
             StateWrite::Failed {
                 local_id, error, ..
             } => local_id.len() + error.len(),
         }
     }
 
-    fn key(&self) -> (Kind, String) {
+    fn object(&self) -> (Kind, String) {
         match self {
             StateWrite::Attempt { kind, local_id, .. }
             | StateWrite::Synced { kind, local_id, .. }
+            | StateWrite::Key { kind, local_id, .. }
             | StateWrite::Failed { kind, local_id, .. } => (*kind, local_id.clone()),
         }
     }
@@ -188,7 +216,7 @@ pub struct Synced<'a> {
     /// Remote ids of the members sent (groups only).
     pub members: Option<&'a [String]>,
     /// What the resource was made from (None: unknown, the next run maps it again).
-    pub source: Option<&'a str>,
+    pub source: Option<&'a Source>,
 }
 
 /// A provisioned object whose directory object is gone.
@@ -264,6 +292,7 @@ struct StateCols {
     last_error: Option<String>,
     attempts: Option<i64>,
     source_hash: Option<String>,
+    source_key: Option<String>,
 }
 
 /// A user's own columns.
@@ -301,17 +330,44 @@ impl UserCols {
 struct UserRow {
     #[sqlx(flatten)]
     user: UserCols,
+    rev: i64,
     #[sqlx(flatten)]
     state: StateCols,
 }
 
+/// A scanned user: its own columns are NULL when the scan found it unchanged since sent.
 #[derive(sqlx::FromRow)]
 struct UserScanRow {
-    #[sqlx(flatten)]
-    user: UserCols,
+    id: String,
+    rev: i64,
+    same: bool,
+    username: Option<String>,
+    email: Option<String>,
+    name: Option<String>,
+    given_name: Option<String>,
+    family_name: Option<String>,
+    active: Option<bool>,
+    service_account: Option<bool>,
+    attributes: Option<String>,
     remote_id: Option<String>,
     status: Option<String>,
     source_hash: Option<String>,
+}
+
+/// A group as read for a sync: the group, its row's revision, its members (with their remote
+/// ids on the target) and its state on the target.
+pub type StoredGroup = (Group, i64, Vec<Member>, Option<SyncState>);
+
+/// A user as a full sync's scan found it.
+// A batch's worth at a time: an allocation per user read would cost more than the size.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Scanned {
+    /// Sent before, and neither its row (revision) nor the scripts and settings changed since:
+    /// only its id was read.
+    Unchanged(String),
+    /// Anything else: the user, its row's revision and the summary of its state.
+    Read(User, i64, Option<StateSummary>),
 }
 
 #[derive(sqlx::FromRow)]
@@ -319,6 +375,7 @@ struct GroupRow {
     id: String,
     name: String,
     attributes: String,
+    rev: i64,
     #[sqlx(flatten)]
     state: StateCols,
 }
@@ -335,7 +392,7 @@ struct OrphanRow {
 }
 
 const STATE_COLS: &str = "s.remote_id, s.resource_hash, s.last_resource, s.members, s.status, \
-     s.last_error, s.attempts, s.source_hash";
+     s.last_error, s.attempts, s.source_hash, s.source_key";
 
 fn attrs(id: &str, text: &str) -> Result<Map<String, Value>, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
@@ -372,6 +429,7 @@ impl StateCols {
             last_error: self.last_error,
             attempts: self.attempts.unwrap_or(0),
             source_hash: self.source_hash,
+            source_key: self.source_key,
         }))
     }
 }
@@ -390,9 +448,43 @@ fn orphans_from(rows: Vec<OrphanRow>) -> Result<Vec<Orphan>, StoreError> {
 }
 
 impl UserRow {
-    fn split(self) -> Result<(User, Option<SyncState>), StoreError> {
+    fn split(self) -> Result<(User, i64, Option<SyncState>), StoreError> {
         let state = self.state.into_state(&self.user.id)?;
-        Ok((self.user.into_user()?, state))
+        Ok((self.user.into_user()?, self.rev, state))
+    }
+}
+
+impl Scanned {
+    pub fn id(&self) -> &str {
+        match self {
+            Scanned::Unchanged(id) => id,
+            Scanned::Read(u, _, _) => &u.id,
+        }
+    }
+}
+
+impl UserScanRow {
+    fn into_scanned(self) -> Result<Scanned, StoreError> {
+        if self.same {
+            return Ok(Scanned::Unchanged(self.id));
+        }
+        let summary = self.status.map(|status| StateSummary {
+            remote_id: self.remote_id,
+            status,
+            source_hash: self.source_hash,
+        });
+        let user = UserCols {
+            username: self.username.unwrap_or_default(),
+            email: self.email,
+            name: self.name,
+            given_name: self.given_name,
+            family_name: self.family_name,
+            active: self.active.unwrap_or(true),
+            service_account: self.service_account.unwrap_or(false),
+            attributes: self.attributes.unwrap_or_else(|| "{}".into()),
+            id: self.id,
+        };
+        Ok(Scanned::Read(user.into_user()?, self.rev, summary))
     }
 }
 
@@ -407,26 +499,69 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 // (the resource last sent, often the biggest column, is read only for users that changed).
 // The key range is given for both tables, so the state side is a short index range even when
 // the planner believes the state table empty (its statistics predate a first run).
-const USER_SCAN: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
-     u.active, u.service_account, u.attributes, s.remote_id, s.status, s.source_hash \
+// Whether a scanned user is unchanged since sent: synced, and made from this revision of its
+// row with these scripts and settings ($5: "<fingerprint>:"; NULL never matches), and still in
+// scope ($6: the target excludes service accounts).
+macro_rules! user_unchanged {
+    () => {
+        "(s.status = 'synced' AND s.remote_id IS NOT NULL \
+         AND s.source_key = CAST($5 AS TEXT) || CAST(u.rev AS TEXT) \
+         AND NOT ($6 AND u.service_account))"
+    };
+}
+
+// Unchanged users come back as their id alone: a no-op full sync reads no user out of the
+// database, maps nothing and hashes nothing.
+const USER_SCAN: &str = concat!(
+    "SELECT u.id, u.rev, COALESCE(",
+    user_unchanged!(),
+    ", FALSE) AS same, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.username END AS username, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.email END AS email, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.name END AS name, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.given_name END AS given_name, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.family_name END AS family_name, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.active END AS active, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.service_account END AS service_account, ",
+    "CASE WHEN ",
+    user_unchanged!(),
+    " THEN NULL ELSE u.attributes END AS attributes, ",
+    "s.remote_id, s.status, s.source_hash \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
      AND s.local_id > $2 AND ($4 IS NULL OR s.local_id <= $4) \
-     WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3";
+     WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3"
+);
 
 const USER_ONE: &str = "SELECT u.id, u.username, u.email, u.name, u.given_name, u.family_name, \
-     u.active, u.service_account, u.attributes, s.remote_id, s.resource_hash, s.last_resource, \
-     s.members, s.status, s.last_error, s.attempts, s.source_hash \
+     u.active, u.service_account, u.attributes, u.rev, s.remote_id, s.resource_hash, \
+     s.last_resource, s.members, s.status, s.last_error, s.attempts, s.source_hash, s.source_key \
      FROM users u LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id \
      WHERE u.id = $2";
 
-const GROUP_BATCH: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
-     s.last_resource, s.members, s.status, s.last_error, s.attempts, s.source_hash \
+const GROUP_BATCH: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
+     s.resource_hash, s.last_resource, s.members, s.status, s.last_error, s.attempts, \
+     s.source_hash, s.source_key \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      AND s.local_id > $2 AND ($4 IS NULL OR s.local_id <= $4) \
      WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3";
 
-const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, s.remote_id, s.resource_hash, \
-     s.last_resource, s.members, s.status, s.last_error, s.attempts, s.source_hash \
+const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
+     s.resource_hash, s.last_resource, s.members, s.status, s.last_error, s.attempts, \
+     s.source_hash, s.source_key \
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      WHERE g.id = $2";
 
@@ -488,13 +623,14 @@ struct MultiRow {
 
 const SAVE_SYNCED: MultiRow = MultiRow {
     head: "INSERT INTO sync_state (target, kind, local_id, remote_id, resource_hash, \
-           last_resource, members, updated_at, source_hash, status, last_error, attempts) VALUES ",
-    params: 9,
+           last_resource, members, updated_at, source_hash, source_key, status, last_error, \
+           attempts) VALUES ",
+    params: 10,
     fixed: ", 'synced', NULL, 0",
     tail: " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
            remote_id = excluded.remote_id, resource_hash = excluded.resource_hash, \
            last_resource = excluded.last_resource, source_hash = excluded.source_hash, \
-           members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
+           source_key = excluded.source_key, members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
            updated_at = excluded.updated_at, next_attempt_at = NULL",
 };
 
@@ -508,10 +644,19 @@ const SAVE_ATTEMPTS: MultiRow = MultiRow {
            WHERE sync_state.remote_id IS NULL",
 };
 
+// VALUES columns are named column1, column2, ... on both databases.
+const SAVE_KEYS: MultiRow = MultiRow {
+    head: "UPDATE sync_state SET source_key = v.column4 FROM (VALUES ",
+    params: 4,
+    fixed: "",
+    tail: ") AS v WHERE sync_state.target = v.column1 AND sync_state.kind = v.column2 \
+           AND sync_state.local_id = v.column3",
+};
+
 /// How long the batch jobs of a finished run are kept (for its summary) once it ended.
 const JOBS_KEPT_MS: i64 = 10 * 60 * 1000;
 
-/// Rows per multi-row statement: 9 parameters a row stays far below both databases' limits.
+/// Rows per multi-row statement: 10 parameters a row stays far below both databases' limits.
 const STATE_CHUNK: usize = 100;
 
 impl MultiRow {
@@ -578,7 +723,7 @@ fn dedup_last(writes: &mut Vec<StateWrite>) {
     let mut kept: Vec<StateWrite> = writes
         .drain(..)
         .rev()
-        .filter(|w| seen.insert(w.key()))
+        .filter(|w| seen.insert(w.object()))
         .collect();
     kept.reverse();
     *writes = kept;
@@ -852,32 +997,31 @@ impl Store {
         Ok(summary)
     }
 
-    /// Up to `limit` users with ids after `after`, each with the summary of its state on
-    /// `target`; [`Store::states`] reads the full state of those that need it.
+    /// Up to `limit` users with ids after `after`: those sent before and made from this
+    /// revision of their row with `fingerprint` (the scripts' and settings', see
+    /// [`Source::key`]; None: none counts as unchanged) as their id alone, the others in full
+    /// with the summary of their state on `target`; [`Store::states`] reads the full state of
+    /// those that need it.
     pub async fn user_scan(
         &self,
         target: &str,
         after: &str,
         until: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<(User, Option<StateSummary>)>, StoreError> {
+        fingerprint: Option<&str>,
+        excludes_service_accounts: bool,
+    ) -> Result<Vec<Scanned>, StoreError> {
+        let prefix = fingerprint.map(|f| format!("{f}:"));
         let rows: Vec<UserScanRow> = on_pool!(self, |p| sqlx::query_as(USER_SCAN)
             .bind(target)
             .bind(after)
             .bind(i64::from(limit))
             .bind(until)
+            .bind(prefix.as_deref())
+            .bind(excludes_service_accounts)
             .fetch_all(p)
             .await)?;
-        rows.into_iter()
-            .map(|r| {
-                let summary = r.status.map(|status| StateSummary {
-                    remote_id: r.remote_id,
-                    status,
-                    source_hash: r.source_hash,
-                });
-                Ok((r.user.into_user()?, summary))
-            })
-            .collect()
+        rows.into_iter().map(UserScanRow::into_scanned).collect()
     }
 
     /// The full states of these objects on `target` (those that have one).
@@ -923,7 +1067,7 @@ impl Store {
         &self,
         target: &str,
         id: &str,
-    ) -> Result<Option<(User, Option<SyncState>)>, StoreError> {
+    ) -> Result<Option<(User, i64, Option<SyncState>)>, StoreError> {
         let row: Option<UserRow> = on_pool!(self, |p| sqlx::query_as(USER_ONE)
             .bind(target)
             .bind(id)
@@ -940,7 +1084,7 @@ impl Store {
         after: &str,
         until: Option<&str>,
         limit: u32,
-    ) -> Result<Vec<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+    ) -> Result<Vec<StoredGroup>, StoreError> {
         let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(GROUP_BATCH)
             .bind(target)
             .bind(after)
@@ -951,11 +1095,7 @@ impl Store {
         self.attach_members(target, rows).await
     }
 
-    pub async fn group(
-        &self,
-        target: &str,
-        id: &str,
-    ) -> Result<Option<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+    pub async fn group(&self, target: &str, id: &str) -> Result<Option<StoredGroup>, StoreError> {
         let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(GROUP_ONE)
             .bind(target)
             .bind(id)
@@ -968,7 +1108,7 @@ impl Store {
         &self,
         target: &str,
         rows: Vec<GroupRow>,
-    ) -> Result<Vec<(Group, Vec<Member>, Option<SyncState>)>, StoreError> {
+    ) -> Result<Vec<StoredGroup>, StoreError> {
         let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
             return Ok(Vec::new());
         };
@@ -1008,7 +1148,7 @@ impl Store {
                 name: row.name,
                 attributes,
             };
-            out.push((group, list, state));
+            out.push((group, row.rev, list, state));
         }
         Ok(out)
     }
@@ -1091,11 +1231,13 @@ impl Store {
         let now = now_ms();
         let mut attempts = Vec::new();
         let mut synced = Vec::new();
+        let mut keys = Vec::new();
         let mut failed = Vec::new();
         for w in writes {
             match w {
                 StateWrite::Attempt { .. } => attempts.push(w),
                 StateWrite::Synced { .. } => synced.push(w),
+                StateWrite::Key { .. } => keys.push(w),
                 StateWrite::Failed { .. } => failed.push(w),
             }
         }
@@ -1111,7 +1253,11 @@ impl Store {
         };
         on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
-            for (rows, statement) in [(&attempts, &SAVE_ATTEMPTS), (&synced, &SAVE_SYNCED)] {
+            for (rows, statement) in [
+                (&attempts, &SAVE_ATTEMPTS),
+                (&synced, &SAVE_SYNCED),
+                (&keys, &SAVE_KEYS),
+            ] {
                 for chunk in chunks_by_size(rows, max_bytes) {
                     let sql = statement.sql(numbered, chunk.len());
                     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -1144,7 +1290,13 @@ impl Store {
                                 .bind(resource)
                                 .bind(members)
                                 .bind(now)
-                                .bind(source),
+                                .bind(source.as_ref().map(|s| s.hash.as_str()))
+                                .bind(source.as_ref().map(|s| s.key.as_str())),
+                            StateWrite::Key {
+                                kind,
+                                local_id,
+                                key,
+                            } => q.bind(target).bind(kind.as_str()).bind(local_id).bind(key),
                             StateWrite::Failed { .. } => q,
                         };
                     }

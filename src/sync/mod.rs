@@ -35,7 +35,9 @@ enum Leaving {
     Store,
 }
 
-use crate::store::{Job, Member, RunCounts, StateWrite, Store, StoreError, SyncState, Synced};
+use crate::store::{
+    Job, Member, RunCounts, Scanned, Source, StateWrite, Store, StoreError, SyncState, Synced,
+};
 use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
 pub use discover::discover;
 use ops::{MemberPolicy, patch_requests};
@@ -233,7 +235,7 @@ struct Work {
     steps: Vec<String>,
     planned: Vec<PlannedRequest>,
     /// What the resource is made from (recorded with it, to skip it next time).
-    source: Option<String>,
+    source: Option<Source>,
     /// State changes for the batch to record once the object is done.
     writes: Vec<StateWrite>,
     /// The write-ahead record of this create was recorded with its batch's.
@@ -254,9 +256,27 @@ fn tfail(e: TargetError) -> Fail {
     e.to_string()
 }
 
-/// True when an object was sent and nothing it is made from changed since.
-fn unchanged_since_sent(status: &str, sent: bool, recorded: Option<&str>, source: &str) -> bool {
-    status == "synced" && sent && recorded == Some(source)
+/// True when an object was sent and nothing it is made from changed since: the same revision
+/// of its row (and scripts and settings), or a new revision with the same content.
+fn unchanged_since_sent(status: &str, sent: bool, recorded: &RecordedSource, now: &Source) -> bool {
+    status == "synced"
+        && sent
+        && (recorded.key == Some(now.key.as_str()) || recorded.hash == Some(now.hash.as_str()))
+}
+
+/// What a state says its resource was made from.
+struct RecordedSource<'a> {
+    hash: Option<&'a str>,
+    key: Option<&'a str>,
+}
+
+impl<'a> RecordedSource<'a> {
+    fn of(s: &'a SyncState) -> Self {
+        RecordedSource {
+            hash: s.source_hash.as_deref(),
+            key: s.source_key.as_deref(),
+        }
+    }
 }
 
 /// True when the target holds this resource (and these members, if given) as last sent.
@@ -764,34 +784,53 @@ impl Engine {
         let mut after = after.to_string();
         loop {
             self.refresh_mappings();
+            // Tracing wants every object's steps: then none is skipped by the scan.
+            let fingerprint = (!self.opts.trace).then(|| self.fingerprint());
             let batch = self
                 .store
-                .user_scan(&target, &after, until, self.opts.batch_size)
+                .user_scan(
+                    &target,
+                    &after,
+                    until,
+                    self.opts.batch_size,
+                    fingerprint.as_deref(),
+                    self.cfg.exclude_service_accounts,
+                )
                 .await?;
-            let Some((last, _)) = batch.last() else { break };
-            after = last.id.clone();
+            let Some(last) = batch.last() else { break };
+            after = last.id().to_string();
             let n = batch.len() as u64;
-            // Unchanged users end here; the others' full states are read in one query.
+            // Unchanged users end here (most already in the scan); the others' full states
+            // are read in one query.
             let mut steps = Vec::with_capacity(batch.len());
             let mut changed = Vec::new();
-            for (u, summary) in batch {
-                let source = self.user_source(&u);
+            for scanned in batch {
+                let (u, rev, summary) = match scanned {
+                    Scanned::Unchanged(_) => {
+                        summary.unchanged += 1;
+                        continue;
+                    }
+                    Scanned::Read(u, rev, summary) => (u, rev, summary),
+                };
+                let source = self.user_source(&u, rev);
                 if !self.excludes(&u)
                     && !self.opts.trace
                     && summary.as_ref().is_some_and(|s| {
                         unchanged_since_sent(
                             &s.status,
                             s.remote_id.is_some(),
-                            s.source_hash.as_deref(),
+                            &RecordedSource {
+                                hash: s.source_hash.as_deref(),
+                                // The scan compared keys already: they differ.
+                                key: None,
+                            },
                             &source,
                         )
                     })
                 {
-                    steps.push(Step::Done(self.unchanged(
-                        Kind::User,
-                        &u.id,
-                        Work::default(),
-                    )));
+                    let mut w = Work::default();
+                    self.rekey(Kind::User, &u.id, None, &source, &mut w);
+                    steps.push(Step::Done(self.unchanged(Kind::User, &u.id, w)));
                 } else {
                     changed.push((u, source, summary.is_some()));
                 }
@@ -808,7 +847,7 @@ impl Engine {
             };
             for (i, (u, source, _)) in changed.into_iter().enumerate() {
                 let state = states.remove(&u.id);
-                steps.push(self.prepare_user(u, state, Some(source)));
+                steps.push(self.prepare_user(u, state, source));
                 yield_sometimes(i).await;
             }
             let reports = self.run_batch(steps).await?;
@@ -851,7 +890,7 @@ impl Engine {
                 .store
                 .group_batch(&target, &after, until, self.opts.batch_size)
                 .await?;
-            let Some((last, _, _)) = batch.last() else {
+            let Some((last, ..)) = batch.last() else {
                 break;
             };
             after = last.id.clone();
@@ -861,8 +900,8 @@ impl Engine {
                 Leaving::Store => &no_one,
             };
             let mut steps = Vec::with_capacity(batch.len());
-            for (i, (g, m, s)) in batch.into_iter().enumerate() {
-                steps.push(self.prepare_group(g, m, s, leaving_users));
+            for (i, (g, rev, m, s)) in batch.into_iter().enumerate() {
+                steps.push(self.prepare_group(g, rev, m, s, leaving_users));
                 yield_sometimes(i).await;
             }
             let reports = self.run_batch(steps).await?;
@@ -1036,40 +1075,67 @@ impl Engine {
         self.report(kind, id, w, Action::Failed, error, None)
     }
 
-    /// What a resource is made from: the directory object (as its fields serialize, fed
-    /// straight into the digest), the scripts' version and the target's settings.
-    fn source_hash(&self, object: &impl Serialize) -> String {
+    /// The scripts' version and the target's settings, as a digest prefix.
+    fn fingerprinted(&self) -> sha2::Sha256 {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
         h.update(self.mappings.version().as_bytes());
         h.update(b"|");
         h.update(self.settings.as_bytes());
         h.update(b"|");
+        h
+    }
+
+    /// What every resource is made from besides its object: scripts and settings (the prefix
+    /// of each [`Source::key`]).
+    fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        hex::encode(&self.fingerprinted().finalize()[..16])
+    }
+
+    /// What a resource is made from: the directory object (as its fields serialize, fed
+    /// straight into the digest) at revision `rev` of its row, the scripts' version and the
+    /// target's settings.
+    fn source(&self, object: &impl Serialize, rev: i64) -> Source {
+        use sha2::Digest;
+        let mut h = self.fingerprinted();
+        let key = format!("{}:{rev}", hex::encode(&h.clone().finalize()[..16]));
         // Writing into a digest cannot fail; a serialization error would only make the hash
         // differ, which costs a mapping, never a skipped change.
         let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
-        hex::encode(h.finalize())
+        Source {
+            hash: hex::encode(h.finalize()),
+            key,
+        }
     }
 
-    fn user_source(&self, user: &User) -> String {
-        self.source_hash(user)
+    fn user_source(&self, user: &User, rev: i64) -> Source {
+        self.source(user, rev)
     }
 
     /// A group's own fields; its members are compared on their own.
-    fn group_source(&self, group: &Group) -> String {
-        self.source_hash(&(&group.id, &group.name, &group.attributes))
+    fn group_source(&self, group: &Group, rev: i64) -> Source {
+        self.source(&(&group.id, &group.name, &group.attributes), rev)
     }
 
     /// True when nothing the resource is made from changed since it was sent.
-    fn source_unchanged(state: Option<&SyncState>, source: &str) -> bool {
+    fn source_unchanged(state: Option<&SyncState>, source: &Source) -> bool {
         state.is_some_and(|s| {
             unchanged_since_sent(
                 &s.status,
                 s.remote_id.is_some(),
-                s.source_hash.as_deref(),
+                &RecordedSource::of(s),
                 source,
             )
         })
+    }
+
+    /// Remembers the new key of an object found unchanged by its content, so that the next
+    /// scan finds it unchanged by its revision alone.
+    fn rekey(&self, kind: Kind, id: &str, recorded: Option<&str>, source: &Source, w: &mut Work) {
+        if !self.opts.dry_run && recorded != Some(source.key.as_str()) {
+            w.writes.push(StateWrite::key(kind, id, &source.key));
+        }
     }
 
     /// Runs the mappings; when tracing, each script's contribution becomes a step.
@@ -1097,7 +1163,7 @@ impl Engine {
     }
 
     /// Prepares one user: scope, source hash, mapping and validation (no I/O).
-    fn prepare_user(&self, user: User, state: Option<SyncState>, source: Option<String>) -> Step {
+    fn prepare_user(&self, user: User, state: Option<SyncState>, source: Source) -> Step {
         let mut w = Work {
             trace: self.opts.trace,
             ..Default::default()
@@ -1113,11 +1179,12 @@ impl Engine {
             return Step::Done(self.out_of_scope(Kind::User, &user.id, w, why, state));
         }
         w.step(|| "scope: in scope".into());
-        let source = source.unwrap_or_else(|| self.user_source(&user));
         if Self::source_unchanged(state.as_ref(), &source) {
             w.step(|| {
                 "unchanged since last sent (object, scripts and target settings): not mapped".into()
             });
+            let recorded = state.as_ref().and_then(|s| s.source_key.as_deref());
+            self.rekey(Kind::User, &user.id, recorded, &source, &mut w);
             return Step::Done(self.unchanged(Kind::User, &user.id, w));
         }
         w.source = Some(source);
@@ -1131,6 +1198,7 @@ impl Engine {
     fn prepare_group(
         &self,
         group: Group,
+        rev: i64,
         members: Vec<Member>,
         state: Option<SyncState>,
         leaving_users: &HashSet<String>,
@@ -1162,7 +1230,7 @@ impl Engine {
             .filter_map(|m| m.remote_id)
             .collect();
         let remote: Vec<String> = remote.into_iter().collect();
-        let source = self.group_source(&group);
+        let source = self.group_source(&group, rev);
         let state = match state {
             Some(SyncState {
                 remote_id: Some(rid),
@@ -1171,14 +1239,31 @@ impl Engine {
                 members: prev,
                 status,
                 source_hash,
+                source_key,
                 ..
-            }) if unchanged_since_sent(&status, true, source_hash.as_deref(), &source) => {
+            }) if unchanged_since_sent(
+                &status,
+                true,
+                &RecordedSource {
+                    hash: source_hash.as_deref(),
+                    key: source_key.as_deref(),
+                },
+                &source,
+            ) =>
+            {
                 // The group itself maps as before; only its members may have moved.
                 if prev.as_deref() == Some(remote.as_slice()) {
                     w.step(|| {
                         "unchanged since last sent (object, scripts, target, members): not mapped"
                             .into()
                     });
+                    self.rekey(
+                        Kind::Group,
+                        &group.id,
+                        source_key.as_deref(),
+                        &source,
+                        &mut w,
+                    );
                     return Step::Done(self.unchanged(Kind::Group, &group.id, w));
                 }
                 w.source = Some(source);
@@ -1359,13 +1444,17 @@ impl Engine {
                     });
                     // Made from something new (scripts, target settings) but the same: remember
                     // what it is made from now, so the next run skips it without mapping.
-                    if !self.opts.dry_run && s.source_hash != w.source {
+                    let recorded = Some(Source {
+                        hash: s.source_hash.clone().unwrap_or_default(),
+                        key: s.source_key.clone().unwrap_or_default(),
+                    });
+                    if !self.opts.dry_run && recorded != w.source {
                         let synced = Synced {
                             remote_id: &rid,
                             hash: &hash,
                             resource: &desired,
                             members: members.as_deref().or(s.members.as_deref()),
-                            source: w.source.as_deref(),
+                            source: w.source.as_ref(),
                         };
                         w.writes.push(StateWrite::synced(kind, &id, synced));
                     }
@@ -1615,7 +1704,7 @@ impl Engine {
                 hash: &hash,
                 resource: &desired,
                 members: members.as_deref(),
-                source: w.source.as_deref(),
+                source: w.source.as_ref(),
             };
             w.writes.push(StateWrite::synced(kind, &id, synced));
             let (action, detail) = if op.method == "POST" {
@@ -1897,7 +1986,7 @@ impl Engine {
                         hash,
                         resource: desired,
                         members,
-                        source: w.source.as_deref(),
+                        source: w.source.as_ref(),
                     };
                     w.writes.push(StateWrite::synced(kind, id, synced));
                 }
@@ -2041,7 +2130,7 @@ impl Engine {
             hash,
             resource: desired,
             members,
-            source: w.source.as_deref(),
+            source: w.source.as_ref(),
         };
         w.writes.push(StateWrite::synced(kind, id, synced));
         Ok(Ok((Action::Created, format!("created as {rid}"))))
@@ -2119,11 +2208,14 @@ impl Engine {
         let target = self.target().to_string();
         let step = match kind {
             Kind::User => match self.store.user(&target, id).await? {
-                Some((u, s)) => self.prepare_user(u, s, None),
+                Some((u, rev, s)) => {
+                    let source = self.user_source(&u, rev);
+                    self.prepare_user(u, s, source)
+                }
                 None => return self.sync_gone(kind, id).await,
             },
             Kind::Group => match self.store.group(&target, id).await? {
-                Some((g, m, s)) => self.prepare_group(g, m, s, &HashSet::new()),
+                Some((g, rev, m, s)) => self.prepare_group(g, rev, m, s, &HashSet::new()),
                 None => return self.sync_gone(kind, id).await,
             },
         };

@@ -112,6 +112,47 @@ impl Env {
         })
     }
 
+    /// Runs `sql` on the database over a connection of its own, as a host writing the
+    /// directory tables directly would.
+    pub async fn host_exec(&self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        if self.pg_name.is_some() {
+            let pool = sqlx::PgPool::connect(&self.db_url).await.expect("connect");
+            sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .expect("host statement");
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.db_url)
+                .await
+                .expect("connect");
+            sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .expect("host statement");
+            pool.close().await;
+        }
+    }
+
+    /// The one integer `sql` selects, read over a connection of its own.
+    pub async fn host_i64(&self, sql: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(sql.to_string());
+        if self.pg_name.is_some() {
+            let pool = sqlx::PgPool::connect(&self.db_url).await.expect("connect");
+            let (v,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.expect("query");
+            pool.close().await;
+            v
+        } else {
+            let pool = sqlx::SqlitePool::connect(&self.db_url)
+                .await
+                .expect("connect");
+            let (v,): (i64,) = sqlx::query_as(sql).fetch_one(&pool).await.expect("query");
+            pool.close().await;
+            v
+        }
+    }
+
     pub fn mapping_dir(&self) -> PathBuf {
         self.target.mappings.clone()
     }

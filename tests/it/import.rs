@@ -100,14 +100,14 @@ async fn import_writes_events_and_prunes(db: Db) {
     let s = store.import(&records(text), false).await.expect("import");
     assert_eq!((s.users_changed, s.groups_changed, s.unchanged), (0, 0, 3));
     assert_eq!(store.count_events().await.expect("events"), after_first);
-    let (g, members, _) = store
+    let (g, _, members, _) = store
         .group("t", "g-1")
         .await
         .expect("query")
         .expect("group");
     assert_eq!(g.members, vec!["u-1", "u-2"]);
     assert_eq!(members.len(), 2);
-    let (u, _) = store.user("t", "u-1").await.expect("query").expect("user");
+    let (u, ..) = store.user("t", "u-1").await.expect("query").expect("user");
     assert_eq!(u.attributes["locale"], "fr");
     // Prune: only bob stays; alice and the group go.
     let s = store

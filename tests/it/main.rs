@@ -10,6 +10,7 @@ mod import;
 mod interop;
 mod mapping;
 mod resilience;
+mod revisions;
 mod sandbox;
 mod scenarios;
 mod targets;

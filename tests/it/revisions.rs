@@ -1,0 +1,161 @@
+//! Row revisions: every write of a directory row, however it is made, gives the row a new
+//! revision (and one change event); a full sync finds users whose revision it sent, with the
+//! same scripts and settings, unchanged in its scan, without reading them out.
+
+use scimsync::directory::Kind;
+use scimsync::store::Scanned;
+
+use crate::harness::{Db, Env, calls};
+use crate::on_both_databases;
+
+const USERS: &str = "{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\"}\n\
+{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\"}\n\
+{\"kind\":\"user\",\"id\":\"u-3\",\"username\":\"carol\",\"service_account\":true}\n\
+{\"kind\":\"group\",\"id\":\"g-1\",\"name\":\"staff\",\"members\":[\"u-1\"]}\n";
+
+async fn rev(env: &Env, table: &str, id: &str) -> i64 {
+    env.host_i64(&format!("SELECT rev FROM {table} WHERE id = '{id}'"))
+        .await
+}
+
+async fn events(env: &Env, id: &str) -> i64 {
+    env.host_i64(&format!(
+        "SELECT count(*) FROM change_events WHERE object_id = '{id}'"
+    ))
+    .await
+}
+
+async fn host_writes_get_new_revisions_and_one_event_each(db: Db) {
+    let Some(env) = Env::new(db, "host_writes_get_new_revisions").await else {
+        return;
+    };
+    env.import(USERS).await;
+    let (r0, e0) = (rev(&env, "users", "u-1").await, events(&env, "u-1").await);
+    assert!(r0 > 0, "an imported row has a revision: {r0}");
+    env.host_exec("UPDATE users SET email = 'alice@example.com' WHERE id = 'u-1'")
+        .await;
+    let r1 = rev(&env, "users", "u-1").await;
+    assert!(r1 > r0, "{r0} -> {r1}");
+    assert_eq!(events(&env, "u-1").await, e0 + 1, "one event per update");
+    // Deleted and inserted again: a revision never seen before.
+    env.host_exec("DELETE FROM users WHERE id = 'u-1'").await;
+    env.host_exec(
+        "INSERT INTO users (id, username, content_hash, updated_at) \
+         VALUES ('u-1', 'alice', 'x', 0)",
+    )
+    .await;
+    let r2 = rev(&env, "users", "u-1").await;
+    assert!(r2 > r1, "{r1} -> {r2}");
+    assert_eq!(events(&env, "u-1").await, e0 + 3);
+    // A host that sets rev itself still gets its event and a fresh revision.
+    env.host_exec("UPDATE users SET rev = 1, email = 'a@example.com' WHERE id = 'u-1'")
+        .await;
+    let r3 = rev(&env, "users", "u-1").await;
+    assert_ne!(r3, 1);
+    assert!(r3 > r2, "{r2} -> {r3}");
+    assert_eq!(events(&env, "u-1").await, e0 + 4);
+    let (g0, ge0) = (rev(&env, "groups", "g-1").await, events(&env, "g-1").await);
+    env.host_exec("UPDATE groups SET name = 'everyone' WHERE id = 'g-1'")
+        .await;
+    assert!(rev(&env, "groups", "g-1").await > g0);
+    assert_eq!(events(&env, "g-1").await, ge0 + 1);
+    env.finish().await;
+}
+
+/// The ids the scan finds unchanged, with the fingerprint the first sync recorded.
+async fn unchanged_in_scan(env: &Env, fingerprint: &str, excludes: bool) -> Vec<String> {
+    env.store
+        .user_scan("sandbox", "", None, 100, Some(fingerprint), excludes)
+        .await
+        .expect("scan")
+        .into_iter()
+        .filter_map(|s| match s {
+            Scanned::Unchanged(id) => Some(id),
+            Scanned::Read(..) => None,
+        })
+        .collect()
+}
+
+async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
+    let Some(mut env) = Env::new(db, "no_op_scan_reads_no_user").await else {
+        return;
+    };
+    // carol, a service account, is provisioned too.
+    env.target.exclude_service_accounts = false;
+    env.import(USERS).await;
+    let s = env.sync().await;
+    assert_eq!(s.created, 4, "{s:?}");
+    let state = env
+        .store
+        .state("sandbox", Kind::User, "u-1")
+        .await
+        .expect("query")
+        .expect("state");
+    let key = state
+        .source_key
+        .expect("a key is recorded with the resource");
+    let (fingerprint, at) = key.split_once(':').expect("fingerprint:rev");
+    assert_eq!(at, rev(&env, "users", "u-1").await.to_string());
+    let all = ["u-1", "u-2", "u-3"].map(String::from).to_vec();
+    assert_eq!(unchanged_in_scan(&env, fingerprint, false).await, all);
+    // A target that leaves service accounts out reads them (to take them out of scope).
+    assert_eq!(
+        unchanged_in_scan(&env, fingerprint, true).await,
+        ["u-1", "u-2"].map(String::from).to_vec()
+    );
+    // Other scripts or settings: every user is read.
+    assert!(unchanged_in_scan(&env, "0000", false).await.is_empty());
+
+    // A host rewrites a row unchanged: read, found unchanged by its content, nothing sent,
+    // and its new revision remembered so the next scan skips it again.
+    env.host_exec("UPDATE users SET email = email WHERE id = 'u-2'")
+        .await;
+    assert_eq!(
+        unchanged_in_scan(&env, fingerprint, false).await,
+        ["u-1", "u-3"].map(String::from).to_vec()
+    );
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
+    assert_eq!(unchanged_in_scan(&env, fingerprint, false).await, all);
+
+    // A host changes a row: the next full sync sends it.
+    env.host_exec("UPDATE users SET email = 'carol@example.com' WHERE id = 'u-3'")
+        .await;
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.updated, s.unchanged), (1, 3), "{s:?}");
+    assert_eq!(writes.len(), 1, "{:?}", calls(&writes));
+    assert_eq!(
+        env.remote_user("carol").expect("carol")["emails"][0]["value"],
+        "carol@example.com"
+    );
+    assert_eq!(unchanged_in_scan(&env, fingerprint, false).await, all);
+
+    // States recorded before revisions existed: found unchanged by content, nothing sent,
+    // keys recorded.
+    env.host_exec("UPDATE sync_state SET source_key = NULL")
+        .await;
+    assert!(unchanged_in_scan(&env, fingerprint, false).await.is_empty());
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
+    assert_eq!(unchanged_in_scan(&env, fingerprint, false).await, all);
+    let group_key = env
+        .store
+        .state("sandbox", Kind::Group, "g-1")
+        .await
+        .expect("query")
+        .expect("state")
+        .source_key;
+    assert_eq!(
+        group_key,
+        Some(format!(
+            "{fingerprint}:{}",
+            rev(&env, "groups", "g-1").await
+        ))
+    );
+    env.finish().await;
+}
+
+on_both_databases!(
+    host_writes_get_new_revisions_and_one_event_each,
+    a_no_op_scan_reads_no_user_and_host_writes_are_seen,
+);
