@@ -886,23 +886,56 @@ impl Engine {
         let mut after = after.to_string();
         loop {
             self.refresh_mappings();
-            let batch = self
-                .store
-                .group_batch(&target, &after, until, self.opts.batch_size)
-                .await?;
-            let Some((last, ..)) = batch.last() else {
-                break;
-            };
-            after = last.id.clone();
-            let n = batch.len() as u64;
             let leaving_users = match &*leaving {
                 Leaving::Memory { users, .. } => users,
                 Leaving::Store => &no_one,
             };
-            let mut steps = Vec::with_capacity(batch.len());
-            for (i, (g, rev, m, s)) in batch.into_iter().enumerate() {
-                steps.push(self.prepare_group(g, rev, m, s, leaving_users));
-                yield_sometimes(i).await;
+            // The scan tells unchanged groups by itself unless the trace wants every step,
+            // a group filter decides scope, or a dry run keeps who is leaving in memory.
+            let fingerprint =
+                (!self.opts.trace && self.cfg.groups.is_empty() && leaving_users.is_empty())
+                    .then(|| self.fingerprint());
+            let scan = self
+                .store
+                .group_scan(
+                    &target,
+                    &after,
+                    until,
+                    self.opts.batch_size,
+                    fingerprint.as_deref(),
+                )
+                .await?;
+            let Some((last, _)) = scan.last() else {
+                break;
+            };
+            let scanned_after = std::mem::replace(&mut after, last.clone());
+            let n = scan.len() as u64;
+            let first = scan.iter().position(|(_, same)| !same);
+            let last_changed = scan.iter().rposition(|(_, same)| !same);
+            let changed: HashSet<&str> = scan
+                .iter()
+                .filter(|(_, same)| !same)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            summary.unchanged += (scan.len() - changed.len()) as i64;
+            let mut steps = Vec::with_capacity(changed.len());
+            if let (Some(first), Some(last_changed)) = (first, last_changed) {
+                // The others are read in full: members, state, the resource last sent.
+                let from = match first {
+                    0 => scanned_after.as_str(),
+                    i => scan[i - 1].0.as_str(),
+                };
+                let batch = self
+                    .store
+                    .group_batch(&target, from, Some(&scan[last_changed].0), u32::MAX)
+                    .await?;
+                let batch = batch
+                    .into_iter()
+                    .filter(|(g, ..)| changed.contains(g.id.as_str()));
+                for (i, (g, rev, m, s)) in batch.enumerate() {
+                    steps.push(self.prepare_group(g, rev, m, s, leaving_users));
+                    yield_sometimes(i).await;
+                }
             }
             let reports = self.run_batch(steps).await?;
             self.absorb(reports, summary, leaving).await?;

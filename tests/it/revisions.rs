@@ -5,7 +5,7 @@
 use scimsync::directory::Kind;
 use scimsync::store::Scanned;
 
-use crate::harness::{Db, Env, calls};
+use crate::harness::{Db, Env, call, calls};
 use crate::on_both_databases;
 
 const USERS: &str = "{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\"}\n\
@@ -138,6 +138,39 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
     let (s, writes) = env.sync_writes().await;
     assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
     assert_eq!(unchanged_in_scan(&env, fingerprint, false).await, all);
+    // Groups: unchanged in the scan while their row and their members' remote ids are.
+    let groups = |fp: &str| {
+        let fp = fp.to_string();
+        let env = &env;
+        async move {
+            env.store
+                .group_scan("sandbox", "", None, 100, Some(&fp))
+                .await
+                .expect("group scan")
+        }
+    };
+    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
+    env.host_exec("INSERT INTO memberships (group_id, user_id) VALUES ('g-1', 'u-2')")
+        .await;
+    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), false)]);
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.updated, s.unchanged), (1, 3), "{s:?}");
+    assert_eq!(
+        calls(&writes),
+        vec![call("PATCH", &format!("/Groups/{}", env.gid("staff")))]
+    );
+    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
+    // A member leaving the target (its state says so) changes the group's members.
+    env.host_exec(
+        "UPDATE sync_state SET status = 'leaving' WHERE kind = 'user' AND local_id = 'u-2'",
+    )
+    .await;
+    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), false)]);
+    env.host_exec(
+        "UPDATE sync_state SET status = 'synced' WHERE kind = 'user' AND local_id = 'u-2'",
+    )
+    .await;
+    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
     let group_key = env
         .store
         .state("sandbox", Kind::Group, "g-1")
