@@ -537,36 +537,37 @@ macro_rules! user_unchanged {
 
 // Unchanged users come back as their id alone: a no-op full sync reads no user out of the
 // database, maps nothing and hashes nothing.
+// A user's own column, NULL when the user is unchanged since sent.
+macro_rules! unless_unchanged {
+    ($col:literal) => {
+        concat!(
+            "CASE WHEN ",
+            user_unchanged!(),
+            " THEN NULL ELSE u.",
+            $col,
+            " END AS ",
+            $col,
+            ", "
+        )
+    };
+}
+
+// Unchanged users come back as their id alone: a no-op full sync reads no user out of the
+// database, maps nothing and hashes nothing.
 macro_rules! user_scan {
     ($db:ident) => {
         concat!(
             "SELECT u.id, u.rev, COALESCE(",
             user_unchanged!(),
             ", FALSE) AS same, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.username END AS username, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.email END AS email, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.name END AS name, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.given_name END AS given_name, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.family_name END AS family_name, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.active END AS active, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.service_account END AS service_account, ",
-            "CASE WHEN ",
-            user_unchanged!(),
-            " THEN NULL ELSE u.attributes END AS attributes, ",
+            unless_unchanged!("username"),
+            unless_unchanged!("email"),
+            unless_unchanged!("name"),
+            unless_unchanged!("given_name"),
+            unless_unchanged!("family_name"),
+            unless_unchanged!("active"),
+            unless_unchanged!("service_account"),
+            unless_unchanged!("attributes"),
             "s.remote_id, s.status, s.source_hash FROM users u",
             state_join!($db, "user", "u"),
             "WHERE u.id > $2 AND ($4 IS NULL OR u.id <= $4) ORDER BY u.id LIMIT $3"
@@ -616,24 +617,35 @@ macro_rules! group_scan {
     };
 }
 
-// Each member's state is a subquery, one index lookup per member, as in the members query
-// below (joined, SQLite without statistics walked every user's state for each group).
+// The remote id membership `m`'s user offers on target $1. A member leaving the target in
+// the current run has none. The member's state is a subquery so that it is one index lookup
+// per member whatever the table statistics say (the state table fills during a first run,
+// after they were taken; a join planned from them read every user's state for each batch).
+macro_rules! member_remote_id {
+    () => {
+        "(SELECT CASE WHEN ms.status = 'leaving' THEN NULL ELSE ms.remote_id END \
+         FROM sync_state ms WHERE ms.target = $1 AND ms.kind = 'user' AND ms.local_id = m.user_id)"
+    };
+}
+
 const GROUP_SCAN_SQLITE: &str = group_scan!(
     sqlite,
-    "SELECT json_group_array(r.rid ORDER BY r.rid) FILTER (WHERE r.rid IS NOT NULL) \
-     FROM (SELECT DISTINCT (SELECT CASE WHEN ms.status = 'leaving' THEN NULL \
-     ELSE ms.remote_id END FROM sync_state ms WHERE ms.target = $1 AND ms.kind = 'user' \
-     AND ms.local_id = m.user_id) AS rid FROM memberships m WHERE m.group_id = g.id) r"
+    concat!(
+        "SELECT json_group_array(r.rid ORDER BY r.rid) FILTER (WHERE r.rid IS NOT NULL) \
+         FROM (SELECT DISTINCT ",
+        member_remote_id!(),
+        " AS rid FROM memberships m WHERE m.group_id = g.id) r"
+    )
 );
 
 const GROUP_SCAN_POSTGRES: &str = group_scan!(
     postgres,
-    "SELECT COALESCE(array_to_json(array_agg(r.rid ORDER BY r.rid) \
-     FILTER (WHERE r.rid IS NOT NULL))::text, '[]') \
-     FROM (SELECT DISTINCT (SELECT CASE WHEN ms.status = 'leaving' THEN NULL \
-     ELSE ms.remote_id END FROM sync_state ms WHERE ms.target = $1 AND ms.kind = 'user' \
-     AND ms.local_id = m.user_id) COLLATE \"C\" AS rid \
-     FROM memberships m WHERE m.group_id = g.id) r"
+    concat!(
+        "SELECT COALESCE(array_to_json(array_agg(r.rid ORDER BY r.rid) \
+         FILTER (WHERE r.rid IS NOT NULL))::text, '[]') FROM (SELECT DISTINCT ",
+        member_remote_id!(),
+        " COLLATE \"C\" AS rid FROM memberships m WHERE m.group_id = g.id) r"
+    )
 );
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
@@ -642,24 +654,22 @@ const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, 
      FROM groups g LEFT JOIN sync_state s ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id \
      WHERE g.id = $2";
 
-// A member leaving the target in the current run has no remote id to offer. The member's
-// state is a subquery so that it is one index lookup per member whatever the table statistics
-// say (the state table fills during a first run, after they were taken; a join planned from
-// them read every user's state for each batch). A batch's members (20 a group, 2,000 a batch)
-// come as one JSON array of [group, user, remote id] in one row: row by row, SQLite's driver
-// hands each row from its thread to ours, and those hand-offs were most of a no-op sync's
-// group phase.
-const MEMBERS_RANGE_SQLITE: &str = "SELECT json_group_array(json_array(m.group_id, m.user_id, \
-     (SELECT CASE WHEN s.status = 'leaving' THEN NULL ELSE s.remote_id END FROM sync_state s \
-      WHERE s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id)) \
-     ORDER BY m.group_id, m.user_id) \
-     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3";
+// A batch's members (20 a group, 2,000 a batch) come as one JSON array of [group, user,
+// remote id] in one row: row by row, SQLite's driver hands each row from its thread to ours,
+// and those hand-offs were most of a no-op sync's group phase.
+const MEMBERS_RANGE_SQLITE: &str = concat!(
+    "SELECT json_group_array(json_array(m.group_id, m.user_id, ",
+    member_remote_id!(),
+    ") ORDER BY m.group_id, m.user_id) \
+     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
+);
 
-const MEMBERS_RANGE_POSTGRES: &str = "SELECT COALESCE(json_agg(json_build_array(m.group_id, m.user_id, \
-     (SELECT CASE WHEN s.status = 'leaving' THEN NULL ELSE s.remote_id END FROM sync_state s \
-      WHERE s.target = $1 AND s.kind = 'user' AND s.local_id = m.user_id)) \
-     ORDER BY m.group_id, m.user_id), '[]')::text \
-     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3";
+const MEMBERS_RANGE_POSTGRES: &str = concat!(
+    "SELECT COALESCE(json_agg(json_build_array(m.group_id, m.user_id, ",
+    member_remote_id!(),
+    ") ORDER BY m.group_id, m.user_id), '[]')::text \
+     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
+);
 
 // Pending jobs first, then those whose worker died: each condition alone walks an index in
 // claim order and stops at the first claimable job (together, every open job of the run was
@@ -707,8 +717,8 @@ const SAVE_SYNCED: MultiRow = MultiRow {
     tail: " ON CONFLICT (target, kind, local_id) DO UPDATE SET \
            remote_id = excluded.remote_id, resource_hash = excluded.resource_hash, \
            last_resource = excluded.last_resource, source_hash = excluded.source_hash, \
-           source_key = excluded.source_key, members = excluded.members, status = 'synced', last_error = NULL, attempts = 0, \
-           updated_at = excluded.updated_at, next_attempt_at = NULL",
+           source_key = excluded.source_key, members = excluded.members, status = 'synced', \
+           last_error = NULL, attempts = 0, updated_at = excluded.updated_at, next_attempt_at = NULL",
 };
 
 const SAVE_ATTEMPTS: MultiRow = MultiRow {
@@ -880,6 +890,14 @@ impl Store {
     /// Whether statements built here number their placeholders (see `push_placeholder`).
     fn numbered_placeholders(&self) -> bool {
         matches!(&*self.backend, Backend::Postgres(_))
+    }
+
+    /// The statement written for this database, where the two differ.
+    fn per_backend(&self, sqlite: &'static str, postgres: &'static str) -> &'static str {
+        match &*self.backend {
+            Backend::Sqlite(_) => sqlite,
+            Backend::Postgres(_) => postgres,
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -1089,10 +1107,7 @@ impl Store {
         excludes_service_accounts: bool,
     ) -> Result<Vec<Scanned>, StoreError> {
         let prefix = fingerprint.map(|f| format!("{f}:"));
-        let sql = match &*self.backend {
-            Backend::Sqlite(_) => USER_SCAN_SQLITE,
-            Backend::Postgres(_) => USER_SCAN_POSTGRES,
-        };
+        let sql = self.per_backend(USER_SCAN_SQLITE, USER_SCAN_POSTGRES);
         let rows: Vec<UserScanRow> = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(after)
@@ -1169,10 +1184,7 @@ impl Store {
         fingerprint: Option<&str>,
     ) -> Result<Vec<(String, bool)>, StoreError> {
         let prefix = fingerprint.map(|f| format!("{f}:"));
-        let sql = match &*self.backend {
-            Backend::Sqlite(_) => GROUP_SCAN_SQLITE,
-            Backend::Postgres(_) => GROUP_SCAN_POSTGRES,
-        };
+        let sql = self.per_backend(GROUP_SCAN_SQLITE, GROUP_SCAN_POSTGRES);
         Ok(on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(after)
@@ -1192,10 +1204,7 @@ impl Store {
         until: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredGroup>, StoreError> {
-        let sql = match &*self.backend {
-            Backend::Sqlite(_) => GROUP_BATCH_SQLITE,
-            Backend::Postgres(_) => GROUP_BATCH_POSTGRES,
-        };
+        let sql = self.per_backend(GROUP_BATCH_SQLITE, GROUP_BATCH_POSTGRES);
         let rows: Vec<GroupRow> = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(after)
@@ -1224,10 +1233,7 @@ impl Store {
             return Ok(Vec::new());
         };
         // One range query for the whole batch: the batch is a contiguous id range.
-        let sql = match &*self.backend {
-            Backend::Sqlite(_) => MEMBERS_RANGE_SQLITE,
-            Backend::Postgres(_) => MEMBERS_RANGE_POSTGRES,
-        };
+        let sql = self.per_backend(MEMBERS_RANGE_SQLITE, MEMBERS_RANGE_POSTGRES);
         let (json,): (String,) = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(&first.id)
@@ -1791,8 +1797,8 @@ impl Store {
     /// directory (an import, a host's own writes) autovacuum may not have caught up, and a
     /// stale plan is slow. Only the directory tables that more than doubled (in pages) since
     /// they were last analyzed are: analyzing all of them and the sync state at every run
-    /// start was a third of a 100k no-op sync (0.5 s). The state is read by key lookups and
-    /// key ranges whose plans do not depend on its statistics.
+    /// start was a third of a 100k no-op sync (0.5 s). The state is read by primary-key lookups
+    /// whose plans do not depend on its statistics.
     pub async fn refresh_statistics(&self) -> Result<(), StoreError> {
         if let Backend::Postgres(p) = &*self.backend {
             let grown: Vec<(String,)> = sqlx::query_as(
@@ -1941,10 +1947,7 @@ impl Store {
     /// when NULL) whose earlier phases are done, in claim order.
     fn claim_pick(&self, which: &str) -> String {
         // SQLite runs writers one at a time, so its one statement is atomic as it is.
-        let lock = match &*self.backend {
-            Backend::Sqlite(_) => "",
-            Backend::Postgres(_) => " FOR UPDATE SKIP LOCKED",
-        };
+        let lock = self.per_backend("", " FOR UPDATE SKIP LOCKED");
         format!(
             "SELECT j.id FROM jobs j WHERE {which} \
              AND ($4 IS NULL OR j.run_id = $4) \

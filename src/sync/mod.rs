@@ -264,6 +264,12 @@ fn unchanged_since_sent(status: &str, sent: bool, recorded: &RecordedSource, now
         && (recorded.key == Some(now.key.as_str()) || recorded.hash == Some(now.hash.as_str()))
 }
 
+/// The fingerprint of scripts and settings from their digest prefix (see `fingerprinted`).
+fn fingerprint_of(prefix: sha2::Sha256) -> String {
+    use sha2::Digest;
+    hex::encode(&prefix.finalize()[..16])
+}
+
 /// What a state says its resource was made from.
 struct RecordedSource<'a> {
     hash: Option<&'a str>,
@@ -276,6 +282,11 @@ impl<'a> RecordedSource<'a> {
             hash: s.source_hash.as_deref(),
             key: s.source_key.as_deref(),
         }
+    }
+
+    /// True when exactly `now` is recorded (hash and key; None: neither).
+    fn is(&self, now: Option<&Source>) -> bool {
+        self.hash == now.map(|s| s.hash.as_str()) && self.key == now.map(|s| s.key.as_str())
     }
 }
 
@@ -1122,8 +1133,7 @@ impl Engine {
     /// What every resource is made from besides its object: scripts and settings (the prefix
     /// of each [`Source::key`]).
     fn fingerprint(&self) -> String {
-        use sha2::Digest;
-        hex::encode(&self.fingerprinted().finalize()[..16])
+        fingerprint_of(self.fingerprinted())
     }
 
     /// What a resource is made from: the directory object (as its fields serialize, fed
@@ -1132,7 +1142,7 @@ impl Engine {
     fn source(&self, object: &impl Serialize, rev: i64) -> Source {
         use sha2::Digest;
         let mut h = self.fingerprinted();
-        let key = format!("{}:{rev}", hex::encode(&h.clone().finalize()[..16]));
+        let key = format!("{}:{rev}", fingerprint_of(h.clone()));
         // Writing into a digest cannot fail; a serialization error would only make the hash
         // differ, which costs a mapping, never a skipped change.
         let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
@@ -1477,11 +1487,7 @@ impl Engine {
                     });
                     // Made from something new (scripts, target settings) but the same: remember
                     // what it is made from now, so the next run skips it without mapping.
-                    let recorded = Some(Source {
-                        hash: s.source_hash.clone().unwrap_or_default(),
-                        key: s.source_key.clone().unwrap_or_default(),
-                    });
-                    if !self.opts.dry_run && recorded != w.source {
+                    if !self.opts.dry_run && !RecordedSource::of(&s).is(w.source.as_ref()) {
                         let synced = Synced {
                             remote_id: &rid,
                             hash: &hash,
