@@ -28,6 +28,10 @@ use scimsync::sync::{Engine, NoProgress, SyncOptions};
 use scimsync::target::TargetClient;
 use serde_json::json;
 
+// The allocator the scimsync binary uses (src/main.rs).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Default)]
 struct Sink {
     /// Milliseconds each answer waits (a slow target); 0 answers at once.
@@ -145,17 +149,21 @@ fn cpu_seconds() -> f64 {
 }
 
 unsafe extern "C" {
-    /// glibc: gives freed heap back to the system.
+    /// glibc (SQLite's allocator): gives freed heap back to the system.
     fn malloc_trim(pad: usize) -> i32;
+    /// mimalloc (ours): the same.
+    fn mi_collect(force: bool);
 }
 
 /// Resets the peak RSS, so the next reading covers only what follows: the heap the sample
-/// directory's generation and import freed is given back first (glibc keeps it otherwise, and
-/// it would count as the sync's).
+/// directory's generation and import freed is given back first (the allocators keep it
+/// otherwise, and it would count as the sync's; `scimsync directory import` is a process of
+/// its own).
 fn reset_peak_rss() {
-    // SAFETY: malloc_trim only releases free memory; it touches no live allocation.
+    // SAFETY: both only release free memory; they touch no live allocation.
     unsafe {
         malloc_trim(0);
+        mi_collect(true);
     }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }

@@ -61,38 +61,52 @@ impl Group {
 /// SHA-256 of a JSON value with object keys sorted, so equal documents hash equally
 /// whatever order their keys were built in.
 pub fn hash_json(v: &Value) -> String {
-    fn canonical(v: &Value, out: &mut String) {
+    /// Feeds the hash directly: no text of the whole object is built.
+    struct Feed(Sha256);
+    impl std::io::Write for Feed {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    // Writing to the hash cannot fail, and every `Value` serializes.
+    fn canonical(v: &Value, out: &mut Feed) {
         match v {
             Value::Object(m) => {
-                let mut keys: Vec<&String> = m.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.into_iter().enumerate() {
+                let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                out.0.update(b"{");
+                for (i, (k, v)) in entries.into_iter().enumerate() {
                     if i > 0 {
-                        out.push(',');
+                        out.0.update(b",");
                     }
-                    out.push_str(&Value::String(k.clone()).to_string());
-                    out.push(':');
-                    canonical(&m[k], out);
+                    let _ = serde_json::to_writer(&mut *out, k);
+                    out.0.update(b":");
+                    canonical(v, out);
                 }
-                out.push('}');
+                out.0.update(b"}");
             }
             Value::Array(a) => {
-                out.push('[');
+                out.0.update(b"[");
                 for (i, x) in a.iter().enumerate() {
                     if i > 0 {
-                        out.push(',');
+                        out.0.update(b",");
                     }
                     canonical(x, out);
                 }
-                out.push(']');
+                out.0.update(b"]");
             }
-            other => out.push_str(&other.to_string()),
+            other => {
+                let _ = serde_json::to_writer(&mut *out, other);
+            }
         }
     }
-    let mut s = String::new();
-    canonical(v, &mut s);
-    hex::encode(Sha256::digest(s.as_bytes()))
+    let mut feed = Feed(Sha256::new());
+    canonical(v, &mut feed);
+    hex::encode(feed.0.finalize())
 }
 
 /// One line of an import file.
@@ -224,6 +238,19 @@ mod tests {
         let e = parse_record(r#"{"kind":"robot","id":"r"}"#).expect_err("kind");
         assert!(e.contains("robot"), "{e}");
         assert!(parse_record("{not json").is_err());
+    }
+
+    #[test]
+    fn hash_is_of_the_canonical_text() {
+        // Recorded hashes must stay valid across versions: the text hashed is the object
+        // with keys sorted and no spaces, as serde_json writes each value.
+        let v: Value =
+            serde_json::from_str(r#"{"b":{"d":[1,2.5,null,true],"c":"x\"y\u0001é"},"a":1}"#)
+                .expect("json");
+        assert_eq!(
+            hash_json(&v),
+            "eb4c391de9f02dd88b767b7f8c665a649b114995e14339de4969ee2a1cea48e9"
+        );
     }
 
     #[test]

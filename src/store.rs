@@ -122,7 +122,8 @@ pub enum StateWrite {
 }
 
 impl StateWrite {
-    pub fn attempt(kind: Kind, local_id: &str, resource: &Value) -> StateWrite {
+    /// `resource` is the resource's JSON text.
+    pub fn attempt(kind: Kind, local_id: &str, resource: &str) -> StateWrite {
         StateWrite::Attempt {
             kind,
             local_id: local_id.to_string(),
@@ -212,7 +213,8 @@ pub struct Synced<'a> {
     pub remote_id: &'a str,
     /// Hash of `resource`, compared on the next run to skip unchanged objects.
     pub hash: &'a str,
-    pub resource: &'a Value,
+    /// The resource's JSON text.
+    pub resource: &'a str,
     /// Remote ids of the members sent (groups only).
     pub members: Option<&'a [String]>,
     /// What the resource was made from (None: unknown, the next run maps it again).

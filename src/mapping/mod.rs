@@ -330,8 +330,7 @@ impl Mappings {
     }
 
     pub fn map_user(&self, user: &User, target: &TargetInfo) -> Result<MapOutcome, MappingError> {
-        let obj = serde_json::to_value(user).unwrap_or(Value::Null);
-        self.run(&self.user, "user", obj, USER_SCHEMA, target, None)
+        self.map_value(Kind::User, user, target, None)
     }
 
     /// Maps a directory object given as JSON; with `trace`, also records what each script
@@ -339,27 +338,15 @@ impl Mappings {
     pub fn map_value(
         &self,
         kind: Kind,
-        object: &Value,
+        object: &impl serde::Serialize,
         target: &TargetInfo,
         trace: Option<&mut Vec<(String, Value)>>,
     ) -> Result<MapOutcome, MappingError> {
+        // Straight into the scripts' own values: no JSON tree in between.
+        let object = rhai::serde::to_dynamic(object).unwrap_or(Dynamic::UNIT);
         match kind {
-            Kind::User => self.run(
-                &self.user,
-                "user",
-                object.clone(),
-                USER_SCHEMA,
-                target,
-                trace,
-            ),
-            Kind::Group => self.run(
-                &self.group,
-                "group",
-                object.clone(),
-                GROUP_SCHEMA,
-                target,
-                trace,
-            ),
+            Kind::User => self.run(&self.user, "user", object, USER_SCHEMA, target, trace),
+            Kind::Group => self.run(&self.group, "group", object, GROUP_SCHEMA, target, trace),
         }
     }
 
@@ -369,15 +356,14 @@ impl Mappings {
         group: &Group,
         target: &TargetInfo,
     ) -> Result<MapOutcome, MappingError> {
-        let obj = serde_json::to_value(group).unwrap_or(Value::Null);
-        self.run(&self.group, "group", obj, GROUP_SCHEMA, target, None)
+        self.map_value(Kind::Group, group, target, None)
     }
 
     fn run(
         &self,
         scripts: &[Script],
         var: &str,
-        object: Value,
+        object: Dynamic,
         schema: &str,
         target: &TargetInfo,
         mut trace: Option<&mut Vec<(String, Value)>>,
@@ -386,7 +372,6 @@ impl Mappings {
         doc.insert("schemas".into(), Value::from(vec![schema.to_string()]));
         let mut doc = Value::Object(doc);
         let to_dyn = |v: &Value| rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT);
-        let object = to_dyn(&object);
         let members = object
             .read_lock::<rhai::Map>()
             .and_then(|m| m.get("members").cloned());

@@ -334,11 +334,32 @@ struct Prepared {
     plan: Plan,
 }
 
+/// A mapped resource with its content hash, and its JSON text written at most once: the
+/// request body, the write-ahead record and the state record are the same text.
+struct Desired {
+    value: Value,
+    hash: String,
+    text: std::sync::OnceLock<String>,
+}
+
+impl Desired {
+    fn new(value: Value, hash: String) -> Self {
+        Desired {
+            value,
+            hash,
+            text: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn text(&self) -> &str {
+        self.text.get_or_init(|| self.value.to_string())
+    }
+}
+
 enum Plan {
     /// The mapped resource: create it, or bring the remote object to it.
     Resource {
-        desired: Value,
-        hash: String,
+        desired: Desired,
         members: Option<Vec<String>>,
     },
     /// A group that maps as before (remote id, the resource last sent and its hash): only its
@@ -365,7 +386,7 @@ impl Prepared {
             return None;
         }
         self.w.attempt_recorded = true;
-        Some(StateWrite::attempt(self.kind, &self.id, desired))
+        Some(StateWrite::attempt(self.kind, &self.id, desired.text()))
     }
 }
 
@@ -1185,7 +1206,7 @@ impl Engine {
     fn map(
         &self,
         kind: Kind,
-        object: &Value,
+        object: &impl Serialize,
         w: &mut Work,
     ) -> Result<MapOutcome, crate::mapping::MappingError> {
         let mut steps = Vec::new();
@@ -1231,8 +1252,7 @@ impl Engine {
             return Step::Done(self.unchanged(Kind::User, &user.id, w));
         }
         w.source = Some(source);
-        let object = serde_json::to_value(&user).unwrap_or(Value::Null);
-        let mapped = self.map(Kind::User, &object, &mut w);
+        let mapped = self.map(Kind::User, &user, &mut w);
         self.prepare_mapped(Kind::User, &user.id, mapped, None, state, w)
     }
 
@@ -1327,8 +1347,7 @@ impl Engine {
             other => other,
         };
         w.source = Some(source);
-        let object = serde_json::to_value(&group).unwrap_or(Value::Null);
-        let mapped = self.map(Kind::Group, &object, &mut w);
+        let mapped = self.map(Kind::Group, &group, &mut w);
         self.prepare_mapped(Kind::Group, &group.id, mapped, Some(remote), state, w)
     }
 
@@ -1416,8 +1435,7 @@ impl Engine {
             w,
             state,
             plan: Plan::Resource {
-                desired,
-                hash,
+                desired: Desired::new(desired, hash),
                 members,
             },
         })
@@ -1433,7 +1451,7 @@ impl Engine {
             plan,
         } = p;
         let s = state.unwrap_or_default();
-        let (desired, hash, members) = match plan {
+        let (desired, members) = match plan {
             Plan::Members {
                 rid,
                 last,
@@ -1441,14 +1459,14 @@ impl Engine {
                 prev,
                 members,
             } => {
+                let last = Desired::new(last, hash);
                 let result = self
                     .update(
                         kind,
                         &id,
                         &rid,
-                        Some(&last),
+                        Some(&last.value),
                         &last,
-                        &hash,
                         prev.as_deref(),
                         Some(&members),
                         true,
@@ -1460,11 +1478,7 @@ impl Engine {
                     Err(e) => self.failed(kind, &id, w, e),
                 };
             }
-            Plan::Resource {
-                desired,
-                hash,
-                members,
-            } => (desired, hash, members),
+            Plan::Resource { desired, members } => (desired, members),
         };
         let result = match s.remote_id.clone() {
             None => {
@@ -1473,7 +1487,6 @@ impl Engine {
                     kind,
                     &id,
                     &desired,
-                    &hash,
                     members.as_deref(),
                     s.last_resource.as_ref(),
                     &mut w,
@@ -1481,7 +1494,7 @@ impl Engine {
                 .await
             }
             Some(rid) => {
-                if sent_as(&s, &hash, members.as_deref()) {
+                if sent_as(&s, &desired.hash, members.as_deref()) {
                     w.step(|| {
                         format!("match: remote id {rid} (recorded); unchanged since last sent")
                     });
@@ -1490,8 +1503,8 @@ impl Engine {
                     if !self.opts.dry_run && !RecordedSource::of(&s).is(w.source.as_ref()) {
                         let synced = Synced {
                             remote_id: &rid,
-                            hash: &hash,
-                            resource: &desired,
+                            hash: &desired.hash,
+                            resource: desired.text(),
                             members: members.as_deref().or(s.members.as_deref()),
                             source: w.source.as_ref(),
                         };
@@ -1506,7 +1519,6 @@ impl Engine {
                         &rid,
                         s.last_resource.as_ref(),
                         &desired,
-                        &hash,
                         s.members.as_deref(),
                         members.as_deref(),
                         true,
@@ -1586,9 +1598,10 @@ impl Engine {
     /// for a namesake first and whose members go in slices; retried creates; unchanged
     /// objects) is sent on its own.
     fn bulk_operation(&self, p: &Prepared) -> Option<scim::BulkOperation> {
-        let Plan::Resource { desired, hash, .. } = &p.plan else {
+        let Plan::Resource { desired, .. } = &p.plan else {
             return None;
         };
+        let (hash, desired) = (&desired.hash, &desired.value);
         if p.kind != Kind::User {
             return None;
         }
@@ -1730,18 +1743,13 @@ impl Engine {
                 plan,
                 ..
             } = p;
-            let Plan::Resource {
-                desired,
-                hash,
-                members,
-            } = plan
-            else {
+            let Plan::Resource { desired, members } = plan else {
                 continue;
             };
             let synced = Synced {
                 remote_id: &rid,
-                hash: &hash,
-                resource: &desired,
+                hash: &desired.hash,
+                resource: desired.text(),
                 members: members.as_deref(),
                 source: w.source.as_ref(),
             };
@@ -1764,7 +1772,7 @@ impl Engine {
             && let Plan::Resource { desired, .. } = &p.plan
         {
             let state = p.state.get_or_insert_with(SyncState::default);
-            state.last_resource = Some(desired.clone());
+            state.last_resource = Some(desired.value.clone());
         }
         p
     }
@@ -1806,14 +1814,13 @@ impl Engine {
         &self,
         kind: Kind,
         id: &str,
-        desired: &Value,
-        hash: &str,
+        desired: &Desired,
         members: Option<&[String]>,
         attempted: Option<&Value>,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
         if self.opts.dry_run {
-            let body = self.with_members(desired, members);
+            let body = self.with_members(&desired.value, members);
             self.plan(w, "POST", format!("/{}", endpoint(kind)), Some(body));
             return Ok((Action::Created, "would create".into()));
         }
@@ -1822,15 +1829,13 @@ impl Engine {
         if let Some(before) = attempted {
             w.step(|| "an earlier create was not confirmed: looking for it".into());
             if let Some(remote) = self.lookup(kind, before, w).await? {
-                return self
-                    .adopt(kind, id, remote, desired, hash, members, w)
-                    .await;
+                return self.adopt(kind, id, remote, desired, members, w).await;
             }
         }
         // Write-ahead: record what is about to be created, so a crash after the POST is found
         // (usually done already, for the whole batch at once).
         if !w.attempt_recorded {
-            let attempt = vec![StateWrite::attempt(kind, id, desired)];
+            let attempt = vec![StateWrite::attempt(kind, id, desired.text())];
             self.store
                 .apply_state(self.target(), attempt)
                 .await
@@ -1839,24 +1844,19 @@ impl Engine {
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
         if kind == Kind::Group
             && self.eff.filter
-            && let Some(remote) = self.lookup(kind, desired, w).await?
+            && let Some(remote) = self.lookup(kind, &desired.value, w).await?
         {
-            return self
-                .adopt(kind, id, remote, desired, hash, members, w)
-                .await;
+            return self.adopt(kind, id, remote, desired, members, w).await;
         }
-        match self.post(kind, id, desired, hash, members, w).await? {
+        match self.post(kind, id, desired, members, w).await? {
             Ok(done) => Ok(done),
             Err(e) if e.status() == Some(409) => {
                 w.step(|| format!("response: {e}"));
-                match self.lookup(kind, desired, w).await? {
-                    Some(remote) => {
-                        self.adopt(kind, id, remote, desired, hash, members, w)
-                            .await
-                    }
+                match self.lookup(kind, &desired.value, w).await? {
+                    Some(remote) => self.adopt(kind, id, remote, desired, members, w).await,
                     None => Err(format!(
                         "{e}; and no remote object matches {}",
-                        scim::match_filters(kind, desired).join(" or ")
+                        scim::match_filters(kind, &desired.value).join(" or ")
                     )),
                 }
             }
@@ -1927,8 +1927,7 @@ impl Engine {
         kind: Kind,
         id: &str,
         remote: Value,
-        desired: &Value,
-        hash: &str,
+        desired: &Desired,
         members: Option<&[String]>,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
@@ -1962,7 +1961,6 @@ impl Engine {
             &rid,
             Some(&remote),
             desired,
-            hash,
             prev_members.as_deref(),
             members,
             false,
@@ -1981,15 +1979,14 @@ impl Engine {
         id: &str,
         rid: &str,
         prev: Option<&Value>,
-        desired: &Value,
-        hash: &str,
+        desired: &Desired,
         prev_members: Option<&[String]>,
         members: Option<&[String]>,
         may_recreate: bool,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
         let mut sent = self
-            .send_update(kind, rid, prev, desired, prev_members, members, w)
+            .send_update(kind, rid, prev, &desired.value, prev_members, members, w)
             .await;
         if let Err(e) = &sent
             && matches!(e.status(), Some(405 | 501))
@@ -2013,7 +2010,7 @@ impl Engine {
                 w.step(|| format!("response: {e}: switching from {method}"));
                 tracing::info!(target = %self.cfg.name, %kind, "{method} refused ({e}); using the other method from now on");
                 sent = self
-                    .send_update(kind, rid, prev, desired, prev_members, members, w)
+                    .send_update(kind, rid, prev, &desired.value, prev_members, members, w)
                     .await;
             }
         }
@@ -2022,8 +2019,8 @@ impl Engine {
                 if !self.opts.dry_run {
                     let synced = Synced {
                         remote_id: rid,
-                        hash,
-                        resource: desired,
+                        hash: &desired.hash,
+                        resource: desired.text(),
                         members,
                         source: w.source.as_ref(),
                     };
@@ -2038,14 +2035,11 @@ impl Engine {
             }
             Err(e) if e.status() == Some(404) && may_recreate => {
                 w.step(|| format!("response: {e}: deleted remotely"));
-                match self.lookup(kind, desired, w).await? {
-                    Some(remote) => {
-                        self.adopt(kind, id, remote, desired, hash, members, w)
-                            .await
-                    }
+                match self.lookup(kind, &desired.value, w).await? {
+                    Some(remote) => self.adopt(kind, id, remote, desired, members, w).await,
                     None => {
                         let (_, detail) = self
-                            .post(kind, id, desired, hash, members, w)
+                            .post(kind, id, desired, members, w)
                             .await?
                             .map_err(tfail)?;
                         Ok((
@@ -2123,8 +2117,7 @@ impl Engine {
         &self,
         kind: Kind,
         id: &str,
-        desired: &Value,
-        hash: &str,
+        desired: &Desired,
         members: Option<&[String]>,
         w: &mut Work,
     ) -> Result<Result<(Action, String), TargetError>, Fail> {
@@ -2133,9 +2126,17 @@ impl Engine {
             (Some(m), Some(max)) if m.len() > max => Some(&m[..max]),
             _ => members,
         };
-        let body = self.with_members(desired, first);
+        // Without members the body is the resource's own text, written once for the record too.
+        let with_members;
+        let body = match first {
+            Some(_) => {
+                with_members = self.with_members(&desired.value, first).to_string();
+                &with_members
+            }
+            None => desired.text(),
+        };
         w.step(|| format!("request: POST /{} {body}", endpoint(kind)));
-        let created = match self.client.create(kind, &body).await {
+        let created = match self.client.create_text(kind, body).await {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
@@ -2147,14 +2148,22 @@ impl Engine {
         w.step(|| format!("response: created, remote id {rid}"));
         if first.map(<[_]>::len) != members.map(<[_]>::len) {
             let rest = self
-                .send_update(kind, &rid, Some(desired), desired, first, members, w)
+                .send_update(
+                    kind,
+                    &rid,
+                    Some(&desired.value),
+                    &desired.value,
+                    first,
+                    members,
+                    w,
+                )
                 .await;
             if let Err(e) = rest {
                 // The group exists with its first members: record that, then fail.
                 let synced = Synced {
                     remote_id: &rid,
-                    hash,
-                    resource: desired,
+                    hash: &desired.hash,
+                    resource: desired.text(),
                     members: first,
                     source: None,
                 };
@@ -2166,8 +2175,8 @@ impl Engine {
         }
         let synced = Synced {
             remote_id: &rid,
-            hash,
-            resource: desired,
+            hash: &desired.hash,
+            resource: desired.text(),
             members,
             source: w.source.as_ref(),
         };

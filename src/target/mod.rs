@@ -280,7 +280,10 @@ impl TargetClient {
         let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout())
             .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
-            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")));
+            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")))
+            // Retries are ours (backoff, Retry-After, the circuit breaker); reqwest's own
+            // would copy every request's headers in case it retries.
+            .retry(reqwest::retry::never().max_retries_per_request(0));
         if let Some(path) = &cfg.ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| invalid(format!("cannot read ca_file {}: {e}", path.display())))?;
@@ -475,6 +478,12 @@ impl TargetClient {
 
     /// POST; returns the created resource, which must carry an `id`.
     pub async fn create(&self, kind: Kind, body: &Value) -> Result<Value, TargetError> {
+        self.create_text(kind, &body.to_string()).await
+    }
+
+    /// POST of a resource already written as JSON text (the engine writes it once, for the
+    /// request and for its record).
+    pub async fn create_text(&self, kind: Kind, body: &str) -> Result<Value, TargetError> {
         let ep = endpoint(kind);
         let a = self.send(Method::POST, &[ep], &[], Some(body)).await?;
         let created = a.body.unwrap_or(Value::Null);
@@ -500,7 +509,12 @@ impl TargetClient {
         ops: &[scim::BulkOperation],
     ) -> Result<Vec<scim::BulkAnswer>, TargetError> {
         let a = self
-            .send(Method::POST, &["Bulk"], &[], Some(&scim::bulk_body(ops)))
+            .send(
+                Method::POST,
+                &["Bulk"],
+                &[],
+                Some(&scim::bulk_body(ops).to_string()),
+            )
             .await?;
         Ok(a.body.as_ref().map(scim::bulk_answers).unwrap_or_default())
     }
@@ -563,7 +577,8 @@ impl TargetClient {
     }
 
     pub async fn replace(&self, kind: Kind, id: &str, body: &Value) -> Result<(), TargetError> {
-        self.send(Method::PUT, &[endpoint(kind), id], &[], Some(body))
+        let body = body.to_string();
+        self.send(Method::PUT, &[endpoint(kind), id], &[], Some(&body))
             .await
             .map(|_| ())
     }
@@ -574,7 +589,7 @@ impl TargetClient {
         id: &str,
         ops: &[PatchOperation],
     ) -> Result<(), TargetError> {
-        let body = scim::patch_body(ops);
+        let body = scim::patch_body(ops).to_string();
         self.send(Method::PATCH, &[endpoint(kind), id], &[], Some(&body))
             .await
             .map(|_| ())
@@ -591,7 +606,7 @@ impl TargetClient {
         method: Method,
         segments: &[&str],
         query: &[(&str, &str)],
-        body: Option<&Value>,
+        body: Option<&str>,
     ) -> Result<Answer, TargetError> {
         let url = self.url(segments);
         let path = format!("/{}", segments.join("/"));
@@ -681,7 +696,7 @@ impl TargetClient {
         url: &Url,
         path: &str,
         query: &[(&str, &str)],
-        body: Option<&Value>,
+        body: Option<&str>,
         cred: &Credential,
     ) -> Result<Answer, Attempt> {
         let mk = |message: String| TargetError::Network {
@@ -705,7 +720,7 @@ impl TargetClient {
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
-                .body(b.to_string());
+                .body(b.to_owned());
         }
         // Held for the request only, not for a backoff sleep.
         let _permit = self.in_flight.acquire().await;
