@@ -84,6 +84,18 @@ pub struct Source {
     pub key: String,
 }
 
+impl Source {
+    /// The key of a resource made with scripts and settings `fingerprint` from revision `rev`
+    /// of its row. The scans compare keys in SQL as this prefix followed by the revision.
+    pub fn key_of(fingerprint: &str, rev: i64) -> String {
+        format!("{}{rev}", Self::key_prefix(fingerprint))
+    }
+
+    fn key_prefix(fingerprint: &str) -> String {
+        format!("{fingerprint}:")
+    }
+}
+
 /// One change to an object's sync state, applied with the rest of its batch by
 /// [`Store::apply_state`].
 #[derive(Debug, Clone)]
@@ -537,8 +549,6 @@ macro_rules! user_unchanged {
     };
 }
 
-// Unchanged users come back as their id alone: a no-op full sync reads no user out of the
-// database, maps nothing and hashes nothing.
 // A user's own column, NULL when the user is unchanged since sent.
 macro_rules! unless_unchanged {
     ($col:literal) => {
@@ -1108,7 +1118,7 @@ impl Store {
         fingerprint: Option<&str>,
         excludes_service_accounts: bool,
     ) -> Result<Vec<Scanned>, StoreError> {
-        let prefix = fingerprint.map(|f| format!("{f}:"));
+        let prefix = fingerprint.map(Source::key_prefix);
         let sql = self.per_backend(USER_SCAN_SQLITE, USER_SCAN_POSTGRES);
         let rows: Vec<UserScanRow> = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
@@ -1185,7 +1195,7 @@ impl Store {
         limit: u32,
         fingerprint: Option<&str>,
     ) -> Result<Vec<(String, bool)>, StoreError> {
-        let prefix = fingerprint.map(|f| format!("{f}:"));
+        let prefix = fingerprint.map(Source::key_prefix);
         let sql = self.per_backend(GROUP_SCAN_SQLITE, GROUP_SCAN_POSTGRES);
         Ok(on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
@@ -1943,8 +1953,6 @@ impl Store {
         Ok(job)
     }
 
-    /// The statement that claims the first claimable job matching `which` ($1 holder,
-    /// $2 lease end, $3 now, $4 run or NULL).
     /// The id of the next job to claim: `which` jobs (see `CLAIM_ORDER`) of run `$4` (any
     /// when NULL) whose earlier phases are done, in claim order.
     fn claim_pick(&self, which: &str) -> String {
@@ -1959,6 +1967,8 @@ impl Store {
         )
     }
 
+    /// The statement that claims the first claimable job matching `which` ($1 holder,
+    /// $2 lease end, $3 now, $4 run or NULL).
     fn claim_sql(&self, which: &str) -> String {
         let pick = self.claim_pick(which);
         format!(

@@ -333,7 +333,7 @@ impl Mappings {
         self.map_value(Kind::User, user, target, None)
     }
 
-    /// Maps a directory object given as JSON; with `trace`, also records what each script
+    /// Maps a directory object (anything that serializes, such as a `User` or JSON); with `trace`, also records what each script
     /// contributed, in order (`null` for a script that returned `()`).
     pub fn map_value(
         &self,

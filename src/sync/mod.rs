@@ -1163,7 +1163,7 @@ impl Engine {
     fn source(&self, object: &impl Serialize, rev: i64) -> Source {
         use sha2::Digest;
         let mut h = self.fingerprinted();
-        let key = format!("{}:{rev}", fingerprint_of(h.clone()));
+        let key = Source::key_of(&fingerprint_of(h.clone()), rev);
         // Writing into a digest cannot fail; a serialization error would only make the hash
         // differ, which costs a mapping, never a skipped change.
         let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
