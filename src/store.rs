@@ -87,7 +87,7 @@ pub struct Source {
 impl Source {
     /// The key of a resource made with scripts and settings `fingerprint` from revision `rev`
     /// of its row. The scans compare keys in SQL as this prefix followed by the revision.
-    pub fn key_of(fingerprint: &str, rev: i64) -> String {
+    pub fn key_of(fingerprint: &str, rev: impl std::fmt::Display) -> String {
         format!("{}{rev}", Self::key_prefix(fingerprint))
     }
 
@@ -368,9 +368,32 @@ struct UserScanRow {
     source_hash: Option<String>,
 }
 
-/// A group as read for a sync: the group, its row's revision, its members (with their remote
-/// ids on the target) and its state on the target.
-pub type StoredGroup = (Group, i64, Vec<Member>, Option<SyncState>);
+/// A group as read for a sync: the group, its revision, its members (with their remote ids on
+/// the target) and its state on the target.
+pub type StoredGroup = (Group, GroupRev, Vec<Member>, Option<SyncState>);
+
+/// What a group's key records besides the scripts and settings: its row's revision (which
+/// its memberships change too on PostgreSQL) and, on PostgreSQL, the target's member epoch
+/// its members' remote ids were read at (migration 0007). Written into keys as `rev` or
+/// `rev:epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRev {
+    pub rev: i64,
+    pub members_epoch: Option<i64>,
+}
+
+/// A group as a full sync's scan found it: its id, whether it is unchanged since sent, and
+/// the key to record when it is unchanged but its recorded key is out of date.
+pub type ScannedGroup = (String, bool, Option<String>);
+
+impl std::fmt::Display for GroupRev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.members_epoch {
+            Some(e) => write!(f, "{}:{e}", self.rev),
+            None => write!(f, "{}", self.rev),
+        }
+    }
+}
 
 /// A user as a full sync's scan found it.
 // A batch's worth at a time: an allocation per user read would cost more than the size.
@@ -611,24 +634,6 @@ macro_rules! group_batch {
 const GROUP_BATCH_SQLITE: &str = group_batch!(sqlite);
 const GROUP_BATCH_POSTGRES: &str = group_batch!(postgres);
 
-// A group unchanged since sent: synced, made from this revision of its row with these scripts
-// and settings ($5: "<fingerprint>:"), and its members' remote ids (those of its members that
-// are provisioned and not leaving; sorted by bytes and distinct, as the engine records them)
-// are the ones recorded. Both databases write the array as the engine does: no spaces.
-macro_rules! group_scan {
-    ($db:ident, $members:expr) => {
-        concat!(
-            "SELECT g.id, COALESCE((s.status = 'synced' AND s.remote_id IS NOT NULL \
-             AND s.resource_hash IS NOT NULL AND s.last_resource IS NOT NULL \
-             AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) AND s.members = (",
-            $members,
-            ")), FALSE) AS same FROM groups g",
-            state_join!($db, "group", "g"),
-            "WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3"
-        )
-    };
-}
-
 // The remote id membership `m`'s user offers on target $1. A member leaving the target in
 // the current run has none. The member's state is a subquery so that it is one index lookup
 // per member whatever the table statistics say (the state table fills during a first run,
@@ -640,24 +645,62 @@ macro_rules! member_remote_id {
     };
 }
 
-const GROUP_SCAN_SQLITE: &str = group_scan!(
-    sqlite,
-    concat!(
-        "SELECT json_group_array(r.rid ORDER BY r.rid) FILTER (WHERE r.rid IS NOT NULL) \
-         FROM (SELECT DISTINCT ",
-        member_remote_id!(),
-        " AS rid FROM memberships m WHERE m.group_id = g.id) r"
-    )
+// The target's member epoch (0 before any user was provisioned there).
+macro_rules! member_epoch {
+    () => {
+        "SELECT COALESCE((SELECT me.epoch FROM member_epochs me WHERE me.target = $1), 0) AS epoch"
+    };
+}
+
+// A group unchanged since sent: synced, made from this revision of its row with these scripts
+// and settings ($5: "<fingerprint>:"), and its members' remote ids (those of its members that
+// are provisioned and not leaving; sorted by bytes and distinct, as the engine records them)
+// are the ones recorded. Both databases write the array as the engine does: no spaces.
+// Columns: id, same, and the key to record when the group is the same but its key is not
+// (PostgreSQL: the member epoch moved, see below).
+macro_rules! group_unchanged_base {
+    () => {
+        "s.status = 'synced' AND s.remote_id IS NOT NULL \
+         AND s.resource_hash IS NOT NULL AND s.last_resource IS NOT NULL"
+    };
+}
+
+const GROUP_SCAN_SQLITE: &str = concat!(
+    "SELECT g.id, COALESCE((",
+    group_unchanged_base!(),
+    " AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) AND s.members = (\
+     SELECT json_group_array(r.rid ORDER BY r.rid) FILTER (WHERE r.rid IS NOT NULL) \
+     FROM (SELECT DISTINCT ",
+    member_remote_id!(),
+    " AS rid FROM memberships m WHERE m.group_id = g.id) r)), FALSE) AS same, \
+     NULL AS rekey FROM groups g",
+    state_join!(sqlite, "group", "g"),
+    "WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3"
 );
 
-const GROUP_SCAN_POSTGRES: &str = group_scan!(
-    postgres,
-    concat!(
-        "SELECT COALESCE(array_to_json(array_agg(r.rid ORDER BY r.rid) \
-         FILTER (WHERE r.rid IS NOT NULL))::text, '[]') FROM (SELECT DISTINCT ",
-        member_remote_id!(),
-        " COLLATE \"C\" AS rid FROM memberships m WHERE m.group_id = g.id) r"
-    )
+// PostgreSQL's keys for groups end in the target's member epoch (migration 0007): while a
+// group's key is current, neither its row, its memberships nor any member's remote id moved,
+// and its members are not looked up at all. A key of the same revision but an older epoch
+// still compares the members; when they are the same, the scan hands back the current key to
+// record (the verdict column: NULL changed, '' same, else same with this key).
+const GROUP_SCAN_POSTGRES: &str = concat!(
+    "SELECT g.id, v.verdict IS NOT NULL AS same, NULLIF(v.verdict, '') AS rekey \
+     FROM groups g",
+    state_join!(postgres, "group", "g"),
+    "CROSS JOIN (",
+    member_epoch!(),
+    ") e CROSS JOIN LATERAL (SELECT CASE WHEN NOT COALESCE(",
+    group_unchanged_base!(),
+    " AND (s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) \
+     OR starts_with(s.source_key, CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':')), FALSE) \
+     THEN NULL \
+     WHEN s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch THEN '' \
+     WHEN s.members = (SELECT COALESCE(array_to_json(array_agg(r.rid ORDER BY r.rid) \
+     FILTER (WHERE r.rid IS NOT NULL))::text, '[]') FROM (SELECT DISTINCT ",
+    member_remote_id!(),
+    " COLLATE \"C\" AS rid FROM memberships m WHERE m.group_id = g.id) r) \
+     THEN CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch END AS verdict) v \
+     WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3"
 );
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
@@ -669,18 +712,21 @@ const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, 
 // A batch's members (20 a group, 2,000 a batch) come as one JSON array of [group, user,
 // remote id] in one row: row by row, SQLite's driver hands each row from its thread to ours,
 // and those hand-offs were most of a no-op sync's group phase.
+// Then the member epoch the remote ids were read at (PostgreSQL; the same statement, so the
+// same snapshot).
 const MEMBERS_RANGE_SQLITE: &str = concat!(
     "SELECT json_group_array(json_array(m.group_id, m.user_id, ",
     member_remote_id!(),
-    ") ORDER BY m.group_id, m.user_id) \
+    ") ORDER BY m.group_id, m.user_id), NULL \
      FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
 );
 
 const MEMBERS_RANGE_POSTGRES: &str = concat!(
     "SELECT COALESCE(json_agg(json_build_array(m.group_id, m.user_id, ",
     member_remote_id!(),
-    ") ORDER BY m.group_id, m.user_id), '[]')::text \
-     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
+    ") ORDER BY m.group_id, m.user_id), '[]')::text, (",
+    member_epoch!(),
+    ") FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
 );
 
 // Pending jobs first, then those whose worker died: each condition alone walks an index in
@@ -1185,8 +1231,9 @@ impl Store {
     }
 
     /// The ids of up to `limit` groups after `after`, each with whether it is unchanged since
-    /// sent to `target` (its row's revision and `fingerprint`, see [`Source::key`], and its
-    /// members' remote ids); None as the fingerprint: none is.
+    /// sent to `target` (its row's revision and `fingerprint`, see [`Source::key_of`], and its
+    /// members' remote ids) and, for an unchanged group whose key is out of date, the key to
+    /// record; None as the fingerprint: none is.
     pub async fn group_scan(
         &self,
         target: &str,
@@ -1194,7 +1241,7 @@ impl Store {
         until: Option<&str>,
         limit: u32,
         fingerprint: Option<&str>,
-    ) -> Result<Vec<(String, bool)>, StoreError> {
+    ) -> Result<Vec<ScannedGroup>, StoreError> {
         let prefix = fingerprint.map(Source::key_prefix);
         let sql = self.per_backend(GROUP_SCAN_SQLITE, GROUP_SCAN_POSTGRES);
         Ok(on_pool!(self, |p| sqlx::query_as(sql)
@@ -1246,7 +1293,7 @@ impl Store {
         };
         // One range query for the whole batch: the batch is a contiguous id range.
         let sql = self.per_backend(MEMBERS_RANGE_SQLITE, MEMBERS_RANGE_POSTGRES);
-        let (json,): (String,) = on_pool!(self, |p| sqlx::query_as(sql)
+        let (json, members_epoch): (String, Option<i64>) = on_pool!(self, |p| sqlx::query_as(sql)
             .bind(target)
             .bind(&first.id)
             .bind(&last.id)
@@ -1277,7 +1324,11 @@ impl Store {
                 name: row.name,
                 attributes,
             };
-            out.push((group, row.rev, list, state));
+            let rev = GroupRev {
+                rev: row.rev,
+                members_epoch,
+            };
+            out.push((group, rev, list, state));
         }
         Ok(out)
     }

@@ -36,7 +36,8 @@ enum Leaving {
 }
 
 use crate::store::{
-    Job, Member, RunCounts, Scanned, Source, StateWrite, Store, StoreError, SyncState, Synced,
+    GroupRev, Job, Member, RunCounts, Scanned, Source, StateWrite, Store, StoreError, SyncState,
+    Synced,
 };
 use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
 pub use discover::discover;
@@ -937,19 +938,31 @@ impl Engine {
                     fingerprint.as_deref(),
                 )
                 .await?;
-            let Some((last, _)) = scan.last() else {
+            let Some((last, ..)) = scan.last() else {
                 break;
             };
             let scanned_after = std::mem::replace(&mut after, last.clone());
             let n = scan.len() as u64;
-            let first = scan.iter().position(|(_, same)| !same);
-            let last_changed = scan.iter().rposition(|(_, same)| !same);
+            let first = scan.iter().position(|(_, same, _)| !same);
+            let last_changed = scan.iter().rposition(|(_, same, _)| !same);
             let changed: HashSet<&str> = scan
                 .iter()
-                .filter(|(_, same)| !same)
-                .map(|(id, _)| id.as_str())
+                .filter(|(_, same, _)| !same)
+                .map(|(id, ..)| id.as_str())
                 .collect();
             summary.unchanged += (scan.len() - changed.len()) as i64;
+            // Unchanged groups recorded at an older member epoch: their current key, so that
+            // the next scan needs no member lookups for them either.
+            if !self.opts.dry_run {
+                let rekeys: Vec<StateWrite> = scan
+                    .iter()
+                    .filter(|(_, same, _)| *same)
+                    .filter_map(|(id, _, key)| {
+                        key.as_deref().map(|k| StateWrite::key(Kind::Group, id, k))
+                    })
+                    .collect();
+                self.store.apply_state(&target, rekeys).await?;
+            }
             let mut steps = Vec::with_capacity(changed.len());
             if let (Some(first), Some(last_changed)) = (first, last_changed) {
                 // The others are read in full: members, state, the resource last sent.
@@ -1158,9 +1171,9 @@ impl Engine {
     }
 
     /// What a resource is made from: the directory object (as its fields serialize, fed
-    /// straight into the digest) at revision `rev` of its row, the scripts' version and the
-    /// target's settings.
-    fn source(&self, object: &impl Serialize, rev: i64) -> Source {
+    /// straight into the digest) at revision `rev` of its row (a group's with the member epoch,
+    /// see [`GroupRev`]), the scripts' version and the target's settings.
+    fn source(&self, object: &impl Serialize, rev: impl std::fmt::Display) -> Source {
         use sha2::Digest;
         let mut h = self.fingerprinted();
         let key = Source::key_of(&fingerprint_of(h.clone()), rev);
@@ -1178,7 +1191,7 @@ impl Engine {
     }
 
     /// A group's own fields; its members are compared on their own.
-    fn group_source(&self, group: &Group, rev: i64) -> Source {
+    fn group_source(&self, group: &Group, rev: GroupRev) -> Source {
         self.source(&(&group.id, &group.name, &group.attributes), rev)
     }
 
@@ -1261,7 +1274,7 @@ impl Engine {
     fn prepare_group(
         &self,
         group: Group,
-        rev: i64,
+        rev: GroupRev,
         members: Vec<Member>,
         state: Option<SyncState>,
         leaving_users: &HashSet<String>,

@@ -57,8 +57,19 @@ async fn host_writes_get_new_revisions_and_one_event_each(db: Db) {
     let (g0, ge0) = (rev(&env, "groups", "g-1").await, events(&env, "g-1").await);
     env.host_exec("UPDATE groups SET name = 'everyone' WHERE id = 'g-1'")
         .await;
-    assert!(rev(&env, "groups", "g-1").await > g0);
+    let g1 = rev(&env, "groups", "g-1").await;
+    assert!(g1 > g0);
     assert_eq!(events(&env, "g-1").await, ge0 + 1);
+    // Memberships are part of the group: a new revision, and still one event each.
+    env.host_exec("INSERT INTO memberships (group_id, user_id) VALUES ('g-1', 'u-2')")
+        .await;
+    let g2 = rev(&env, "groups", "g-1").await;
+    assert!(g2 > g1, "{g1} -> {g2}");
+    assert_eq!(events(&env, "g-1").await, ge0 + 2);
+    env.host_exec("DELETE FROM memberships WHERE group_id = 'g-1' AND user_id = 'u-2'")
+        .await;
+    assert!(rev(&env, "groups", "g-1").await > g2);
+    assert_eq!(events(&env, "g-1").await, ge0 + 3);
     env.finish().await;
 }
 
@@ -149,42 +160,136 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
                 .expect("group scan")
         }
     };
-    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), true, None)]
+    );
     env.host_exec("INSERT INTO memberships (group_id, user_id) VALUES ('g-1', 'u-2')")
         .await;
-    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), false)]);
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), false, None)]
+    );
     let (s, writes) = env.sync_writes().await;
     assert_eq!((s.updated, s.unchanged), (1, 3), "{s:?}");
     assert_eq!(
         calls(&writes),
         vec![call("PATCH", &format!("/Groups/{}", env.gid("staff")))]
     );
-    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), true, None)]
+    );
     // A member leaving the target (its state says so) changes the group's members.
     env.host_exec(
         "UPDATE sync_state SET status = 'leaving' WHERE kind = 'user' AND local_id = 'u-2'",
     )
     .await;
-    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), false)]);
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), false, None)]
+    );
     env.host_exec(
         "UPDATE sync_state SET status = 'synced' WHERE kind = 'user' AND local_id = 'u-2'",
     )
     .await;
-    assert_eq!(groups(fingerprint).await, vec![("g-1".to_string(), true)]);
-    let group_key = env
+    let group_rev = rev(&env, "groups", "g-1").await;
+    if db == Db::Postgres {
+        // The member epoch moved (twice): the members are compared, found the same, and the
+        // scan hands back the key to record; a sync records it without sending anything.
+        let epoch = env
+            .host_i64("SELECT epoch FROM member_epochs WHERE target = 'sandbox'")
+            .await;
+        let key = format!("{fingerprint}:{group_rev}:{epoch}");
+        assert_eq!(
+            groups(fingerprint).await,
+            vec![("g-1".to_string(), true, Some(key.clone()))]
+        );
+        let (s, writes) = env.sync_writes().await;
+        assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
+        assert_eq!(group_key(&env).await, Some(key));
+    } else {
+        assert_eq!(
+            group_key(&env).await,
+            Some(format!("{fingerprint}:{group_rev}"))
+        );
+    }
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), true, None)]
+    );
+    env.finish().await;
+}
+
+async fn group_key(env: &Env) -> Option<String> {
+    env.store
+        .state("sandbox", Kind::Group, "g-1")
+        .await
+        .expect("query")
+        .expect("state")
+        .source_key
+}
+
+/// PostgreSQL: a group's key records the target's member epoch, which every change of a
+/// user's remote id on the target moves (in its transaction), and nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_epoch_moves_with_remote_ids_only() {
+    let Some(env) = Env::new(Db::Postgres, "member_epoch_moves").await else {
+        return;
+    };
+    env.import(USERS).await;
+    let epoch = || {
+        env.host_i64("SELECT COALESCE(max(epoch), 0) FROM member_epochs WHERE target = 'sandbox'")
+    };
+    assert_eq!(epoch().await, 0);
+    let (s, _) = env.sync_writes().await;
+    assert_eq!(s.created, 3, "{s:?}");
+    let e1 = epoch().await;
+    assert!(e1 > 0, "provisioning users moves it");
+    let fingerprint = env
         .store
         .state("sandbox", Kind::Group, "g-1")
         .await
         .expect("query")
         .expect("state")
-        .source_key;
+        .source_key
+        .expect("key")
+        .split(':')
+        .next()
+        .expect("fingerprint")
+        .to_string();
     assert_eq!(
-        group_key,
+        group_key(&env).await,
         Some(format!(
-            "{fingerprint}:{}",
+            "{fingerprint}:{}:{e1}",
             rev(&env, "groups", "g-1").await
         ))
     );
+    // Writes that leave every remote id as it was: no move.
+    env.host_exec("UPDATE sync_state SET last_error = 'x', attempts = 1")
+        .await;
+    env.host_exec("UPDATE sync_state SET status = 'failed' WHERE kind = 'group'")
+        .await;
+    assert_eq!(epoch().await, e1);
+    // A remote id changed, one made to leave, one deleted: each moves it.
+    env.host_exec(
+        "UPDATE sync_state SET remote_id = 'other' WHERE kind = 'user' AND local_id = 'u-1'",
+    )
+    .await;
+    let e2 = epoch().await;
+    assert!(e2 > e1);
+    env.host_exec(
+        "UPDATE sync_state SET status = 'leaving' WHERE kind = 'user' AND local_id = 'u-2'",
+    )
+    .await;
+    let e3 = epoch().await;
+    assert!(e3 > e2);
+    env.host_exec("DELETE FROM sync_state WHERE kind = 'user' AND local_id = 'u-2'")
+        .await;
+    assert_eq!(epoch().await, e3, "u-2 offered no remote id while leaving");
+    env.host_exec("DELETE FROM sync_state WHERE kind = 'user' AND local_id = 'u-1'")
+        .await;
+    assert!(epoch().await > e3);
     env.finish().await;
 }
 
