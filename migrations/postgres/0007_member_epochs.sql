@@ -63,11 +63,15 @@ CREATE TRIGGER sync_state_epoch_del AFTER DELETE ON sync_state
 
 -- A group's revision also changes with its memberships (the group's own update trigger
 -- writes the change event, so this replaces the membership's event, not adds one).
--- (`rev = 0` only makes an update: the groups_rev trigger draws the new revision.)
+-- (`rev = 0` only makes an update: the groups_rev trigger draws the new revision.) Once per
+-- group and transaction: a group this transaction already wrote (its row version's xmin is
+-- this transaction) has its new revision and event, and both become visible with this change;
+-- an import adding 20 members updates the group once, not 20 times.
 CREATE FUNCTION scimsync_membership_rev() RETURNS trigger AS $$
 BEGIN
     UPDATE groups SET rev = 0
-    WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.group_id ELSE NEW.group_id END;
+    WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.group_id ELSE NEW.group_id END
+      AND xmin::text::bigint <> txid_current() % 4294967296;
     RETURN NULL;
 END;
 $$ LANGUAGE plpgsql;

@@ -92,8 +92,10 @@ async fn import_writes_events_and_prunes(db: Db) {
     let s = store.import(&records(text), false).await.expect("import");
     assert_eq!((s.users_changed, s.groups_changed), (2, 2), "{s:?}");
     let after_first = store.count_events().await.expect("events");
+    // On PostgreSQL a transaction's membership changes are in their group's one event.
+    let least = if db == Db::Postgres { 3 } else { 5 };
     assert!(
-        after_first >= 5,
+        after_first >= least,
         "users, group and memberships each wrote events: {after_first}"
     );
     // The same file again changes nothing and writes no event.

@@ -68,8 +68,17 @@ async fn host_writes_get_new_revisions_and_one_event_each(db: Db) {
     assert_eq!(events(&env, "g-1").await, ge0 + 2);
     env.host_exec("DELETE FROM memberships WHERE group_id = 'g-1' AND user_id = 'u-2'")
         .await;
-    assert!(rev(&env, "groups", "g-1").await > g2);
+    let g3 = rev(&env, "groups", "g-1").await;
+    assert!(g3 > g2);
     assert_eq!(events(&env, "g-1").await, ge0 + 3);
+    // Two in one transaction: a new revision; on PostgreSQL the group's one event for both.
+    env.host_exec(
+        "INSERT INTO memberships (group_id, user_id) VALUES ('g-1', 'u-2'), ('g-1', 'u-3')",
+    )
+    .await;
+    assert!(rev(&env, "groups", "g-1").await > g3);
+    let per_transaction = if db == Db::Postgres { 1 } else { 2 };
+    assert_eq!(events(&env, "g-1").await, ge0 + 3 + per_transaction);
     env.finish().await;
 }
 
