@@ -373,9 +373,8 @@ struct UserScanRow {
 pub type StoredGroup = (Group, GroupRev, Vec<Member>, Option<SyncState>);
 
 /// What a group's key records besides the scripts and settings: its row's revision (which
-/// its memberships change too on PostgreSQL) and, on PostgreSQL, the target's member epoch
-/// its members' remote ids were read at (migration 0007). Written into keys as `rev` or
-/// `rev:epoch`.
+/// its memberships change too) and, on PostgreSQL, the target's member epoch its members'
+/// remote ids were read at (migration 0007). Written into keys as `rev` or `rev:epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupRev {
     pub rev: i64,
