@@ -688,17 +688,18 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
     state_join!(postgres, "group", "g"),
     "CROSS JOIN (",
     member_epoch!(),
-    ") e CROSS JOIN LATERAL (SELECT CASE WHEN NOT COALESCE(",
+    ") e CROSS JOIN LATERAL (SELECT CAST($5 AS TEXT) || CAST(g.rev AS TEXT) AS base) k \
+     CROSS JOIN LATERAL (SELECT k.base || ':' || e.epoch AS current) c \
+     CROSS JOIN LATERAL (SELECT CASE WHEN NOT COALESCE(",
     group_unchanged_base!(),
-    " AND (s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) \
-     OR starts_with(s.source_key, CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':')), FALSE) \
+    " AND (s.source_key = k.base OR starts_with(s.source_key, k.base || ':')), FALSE) \
      THEN NULL \
-     WHEN s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch THEN '' \
+     WHEN s.source_key = c.current THEN '' \
      WHEN s.members = (SELECT COALESCE(array_to_json(array_agg(r.rid ORDER BY r.rid) \
      FILTER (WHERE r.rid IS NOT NULL))::text, '[]') FROM (SELECT DISTINCT ",
     member_remote_id!(),
     " COLLATE \"C\" AS rid FROM memberships m WHERE m.group_id = g.id) r) \
-     THEN CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch END AS verdict) v \
+     THEN c.current END AS verdict) v \
      WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3"
 );
 
