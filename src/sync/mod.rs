@@ -728,6 +728,20 @@ impl Engine {
         };
         let mut leaving = Leaving::Store;
         let until = job.until_id.as_deref();
+        if let Some(kind) = self.settles(job) {
+            let settled = self
+                .store
+                .settle_quiet_jobs(
+                    job,
+                    kind,
+                    &self.fingerprint(),
+                    self.cfg.exclude_service_accounts,
+                )
+                .await?;
+            self.count_objects(kind, Action::Unchanged, settled.unchanged);
+            self.count_objects(kind, Action::Skipped, settled.skipped);
+            progress.advance(settled.unchanged + settled.skipped);
+        }
         match job.phase {
             0 => {
                 self.users_range(&job.after_id, until, &mut part, &mut leaving, progress)
@@ -755,6 +769,21 @@ impl Engine {
             }
         }
         Ok(part)
+    }
+
+    /// The kind whose quiet batches `job` settles before its own range
+    /// ([`Store::settle_quiet_jobs`]): the job of a phase's first range, when the scans would
+    /// tell unchanged objects by themselves (see `users_range` and `groups_range`).
+    fn settles(&self, job: &Job) -> Option<Kind> {
+        if !job.after_id.is_empty() || self.opts.trace {
+            return None;
+        }
+        self.refresh_mappings();
+        match job.phase {
+            0 => Some(Kind::User),
+            1 if self.eff.groups && self.cfg.groups.is_empty() => Some(Kind::Group),
+            _ => None,
+        }
     }
 
     /// A dry run: every phase in memory, nothing recorded.
@@ -1125,13 +1154,7 @@ impl Engine {
         state: Option<SyncState>,
     ) -> ObjectReport {
         if !self.opts.dry_run {
-            metrics::counter!(
-                "scimsync_objects_total",
-                "target" => self.cfg.name.clone(),
-                "kind" => kind.as_str(),
-                "action" => action_name(action),
-            )
-            .increment(1);
+            self.count_objects(kind, action, 1);
         }
         ObjectReport {
             kind,
@@ -1143,6 +1166,16 @@ impl Engine {
             state,
             writes: w.writes,
         }
+    }
+
+    fn count_objects(&self, kind: Kind, action: Action, n: u64) {
+        metrics::counter!(
+            "scimsync_objects_total",
+            "target" => self.cfg.name.clone(),
+            "kind" => kind.as_str(),
+            "action" => action_name(action),
+        )
+        .increment(n);
     }
 
     /// An object with nothing to send.

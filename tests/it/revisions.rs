@@ -302,7 +302,85 @@ async fn member_epoch_moves_with_remote_ids_only() {
     env.finish().await;
 }
 
+/// The latest run's jobs of `phase`: (settled at the phase's start, worked). A worked job's
+/// result is a whole batch summary (it names the target); a settled one holds counts only.
+async fn settled_and_worked(env: &Env, phase: i64) -> (i64, i64) {
+    let count = |like: &str| {
+        format!(
+            "SELECT COUNT(*) FROM jobs WHERE run_id = (SELECT MAX(id) FROM runs) \
+             AND phase = {phase} AND status = 'done' AND result {like} '%\"target\"%'"
+        )
+    };
+    (
+        env.host_i64(&count("NOT LIKE")).await,
+        env.host_i64(&count("LIKE")).await,
+    )
+}
+
+async fn quiet_batches_are_settled_at_the_phase_start(db: Db) {
+    let Some(env) = Env::new(db, "quiet_batches_are_settled").await else {
+        return;
+    };
+    // 57 users (u-000000..u-000056, every 10th a service account the target excludes) in 12
+    // batches of 5; 12 groups in 3.
+    env.import(&crate::harness::jsonl(&scimsync::directory::sample(
+        57, 12, 9,
+    )))
+    .await;
+    let sync = || {
+        env.sync_with(scimsync::sync::SyncOptions {
+            batch_size: 5,
+            ..Default::default()
+        })
+    };
+    let s = sync().await;
+    assert_eq!((s.created, s.skipped, s.failed), (52 + 12, 5, 0), "{s:?}");
+    // A first sync has nothing to settle.
+    assert_eq!(settled_and_worked(&env, 0).await, (0, 12));
+    assert_eq!(settled_and_worked(&env, 1).await, (0, 3));
+
+    // Nothing changed: the first batch of each phase settles the others, with their counts.
+    let s = sync().await;
+    assert_eq!((s.unchanged, s.skipped, s.writes), (64, 5, 0), "{s:?}");
+    assert_eq!(settled_and_worked(&env, 0).await, (11, 1));
+    assert_eq!(settled_and_worked(&env, 1).await, (2, 1));
+
+    // A changed user, a changed group and a user after the last range's start: their
+    // batches are worked, the others settled.
+    env.host_exec("UPDATE users SET name = 'Changed Name' WHERE id = 'u-000023'")
+        .await;
+    env.host_exec("UPDATE groups SET name = 'Renamed' WHERE id = 'g-00007'")
+        .await;
+    env.import(r#"{"kind":"user","id":"u-000099","username":"late"}"#)
+        .await;
+    let (s, writes) = {
+        env.sandbox.clear_requests();
+        let s = sync().await;
+        (s, env.sandbox.writes())
+    };
+    assert_eq!(
+        (s.created, s.updated, s.unchanged, s.skipped),
+        (1, 2, 62, 5),
+        "{s:?}"
+    );
+    assert_eq!(writes.len(), 3, "{:?}", calls(&writes));
+    assert_eq!(settled_and_worked(&env, 0).await, (9, 3));
+    // PostgreSQL: the new user moved the member epoch, so every group's batch compares its
+    // members (and records the new key); SQLite compares members in the settling pass.
+    let groups = if db == Db::Postgres { (0, 3) } else { (1, 2) };
+    assert_eq!(settled_and_worked(&env, 1).await, groups);
+    assert!(env.remote_user("late").is_some());
+    assert!(env.remote_group("Renamed").is_some());
+    // And then, with the new keys recorded, a no-op settles all but the first batches again.
+    let s = sync().await;
+    assert_eq!((s.unchanged, s.writes), (65, 0), "{s:?}");
+    assert_eq!(settled_and_worked(&env, 0).await, (11, 1));
+    assert_eq!(settled_and_worked(&env, 1).await, (2, 1));
+    env.finish().await;
+}
+
 on_both_databases!(
     host_writes_get_new_revisions_and_one_event_each,
     a_no_op_scan_reads_no_user_and_host_writes_are_seen,
+    quiet_batches_are_settled_at_the_phase_start,
 );
