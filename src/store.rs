@@ -2053,18 +2053,42 @@ impl Store {
         }
     }
 
-    /// Settles the quiet batches of `first`'s phase (users or groups), `first` being the job of
-    /// the phase's first range: every other pending job of the phase whose objects are all
-    /// unchanged since sent with `fingerprint` (see [`Source::key_of`]) is done, with its
-    /// counts of unchanged and skipped objects as its result, which it returns summed.
-    /// A target with no state of the kind yet (a first sync) has nothing to settle.
-    pub async fn settle_quiet_jobs(
+    /// Opens the phase of `first`, the job of its first range (users or groups): settles the
+    /// phase's quiet batches when `check` says how, then lets the phase's other jobs be
+    /// claimed (see `claim_pick`). Every other pending job of the phase whose objects are all
+    /// unchanged since sent (see [`QuietCheck`]) is done, with its counts of unchanged and
+    /// skipped objects as its result; returns those counts summed.
+    pub async fn open_phase(
         &self,
         first: &Job,
-        kind: Kind,
-        fingerprint: &str,
-        excludes_service_accounts: bool,
+        check: Option<QuietCheck<'_>>,
     ) -> Result<Settled, StoreError> {
+        let settled = match check {
+            Some(check) => self.settle_quiet_jobs(first, check).await?,
+            None => Settled::default(),
+        };
+        let _turn = self.write_turn().await;
+        on_pool!(self, |p| sqlx::query(
+            "UPDATE jobs SET result = '{}' WHERE id = $1 AND status = 'running' AND result IS NULL"
+        )
+        .bind(first.id)
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(settled)
+    }
+
+    /// A target with no state of the kind yet (a first sync) has nothing to settle.
+    async fn settle_quiet_jobs(
+        &self,
+        first: &Job,
+        check: QuietCheck<'_>,
+    ) -> Result<Settled, StoreError> {
+        let QuietCheck {
+            kind,
+            fingerprint,
+            excludes_service_accounts,
+        } = check;
         let (any,): (bool,) = on_pool!(self, |p| sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM sync_state WHERE target = $1 AND kind = $2)"
         )
@@ -2099,13 +2123,11 @@ impl Store {
         let results: Vec<String> = match &*self.backend {
             Backend::Sqlite(p) => query!().fetch_all(p).await?,
             Backend::Postgres(p) => {
-                let mut tx = p.begin().await?;
                 // One statement over the whole directory: its sort in memory, and no JIT
                 // compilation (hundreds of ms) once the directory makes it look costly.
-                sqlx::query("SET LOCAL work_mem = '64MB'")
-                    .execute(&mut *tx)
+                let mut tx = p
+                    .begin_with("BEGIN; SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
                     .await?;
-                sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
                 let rows = query!().fetch_all(&mut *tx).await?;
                 tx.commit().await?;
                 rows
@@ -2163,9 +2185,9 @@ impl Store {
     }
 
     /// The id of the next job to claim: `which` jobs (see `CLAIM_ORDER`) of run `$4` (any
-    /// when NULL) whose earlier phases are done, in claim order. A phase's first range goes
-    /// alone: its job settles the phase's quiet batches (`settle_quiet_jobs`) before any other
-    /// is claimed.
+    /// when NULL) whose earlier phases are done, in claim order. The rest of a phase waits
+    /// for the job of its first range to open it (`open_phase`: it settles the quiet batches
+    /// first; its result, NULL until then, says it did).
     fn claim_pick(&self, which: &str) -> String {
         // SQLite runs writers one at a time, so its one statement is atomic as it is.
         let lock = self.per_backend("", " FOR UPDATE SKIP LOCKED");
@@ -2174,7 +2196,8 @@ impl Store {
              AND ($4 IS NULL OR j.run_id = $4) \
              AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
                  AND e.status IN ('pending', 'running') AND (e.phase < j.phase \
-                 OR (e.phase = j.phase AND e.after_id = '' AND j.after_id <> ''))) \
+                 OR (e.phase = j.phase AND e.after_id = '' AND j.after_id <> '' \
+                     AND e.result IS NULL))) \
              ORDER BY j.run_id, j.phase, j.id LIMIT 1{lock}"
         )
     }
@@ -2393,7 +2416,17 @@ impl Store {
 
 const JOB_COLS: &str = "id, run_id, target, phase, after_id, until_id";
 
-/// What [`Store::settle_quiet_jobs`] settled.
+/// How [`Store::open_phase`] tells a quiet batch: every object of `kind` in its range is
+/// unchanged since sent with `fingerprint` (see [`Source::key_of`]), or is a service account
+/// the target excludes (`excludes_service_accounts`) with nothing on the target.
+#[derive(Debug, Clone, Copy)]
+pub struct QuietCheck<'a> {
+    pub kind: Kind,
+    pub fingerprint: &'a str,
+    pub excludes_service_accounts: bool,
+}
+
+/// What [`Store::open_phase`] settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Settled {
     pub jobs: u64,

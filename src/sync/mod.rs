@@ -36,8 +36,8 @@ enum Leaving {
 }
 
 use crate::store::{
-    GroupRev, Job, Member, RunCounts, Scanned, Source, StateWrite, Store, StoreError, SyncState,
-    Synced,
+    GroupRev, Job, Member, QuietCheck, RunCounts, Scanned, Source, StateWrite, Store, StoreError,
+    SyncState, Synced,
 };
 use crate::target::{Effective, TargetClient, TargetError, UserRemoval, endpoint};
 pub use discover::discover;
@@ -728,18 +728,15 @@ impl Engine {
         };
         let mut leaving = Leaving::Store;
         let until = job.until_id.as_deref();
-        if let Some(kind) = self.settles(job) {
-            let settled = self
-                .store
-                .settle_quiet_jobs(
-                    job,
-                    kind,
-                    &self.fingerprint(),
-                    self.cfg.exclude_service_accounts,
-                )
-                .await?;
-            self.count_objects(kind, Action::Unchanged, settled.unchanged);
-            self.count_objects(kind, Action::Skipped, settled.skipped);
+        if job.after_id.is_empty() && job.phase < 2 {
+            self.refresh_mappings();
+            let fingerprint = self.fingerprint();
+            let check = self.quiet_check(job, &fingerprint);
+            let settled = self.store.open_phase(job, check).await?;
+            if let Some(check) = check {
+                self.count_objects(check.kind, Action::Unchanged, settled.unchanged);
+                self.count_objects(check.kind, Action::Skipped, settled.skipped);
+            }
             progress.advance(settled.unchanged + settled.skipped);
         }
         match job.phase {
@@ -771,19 +768,21 @@ impl Engine {
         Ok(part)
     }
 
-    /// The kind whose quiet batches `job` settles before its own range
-    /// ([`Store::settle_quiet_jobs`]): the job of a phase's first range, when the scans would
-    /// tell unchanged objects by themselves (see `users_range` and `groups_range`).
-    fn settles(&self, job: &Job) -> Option<Kind> {
-        if !job.after_id.is_empty() || self.opts.trace {
-            return None;
-        }
-        self.refresh_mappings();
-        match job.phase {
-            0 => Some(Kind::User),
-            1 if self.eff.groups && self.cfg.groups.is_empty() => Some(Kind::Group),
-            _ => None,
-        }
+    /// How the job of a phase's first range tells the phase's quiet batches
+    /// ([`Store::open_phase`]): as the scans tell unchanged objects (see `users_range` and
+    /// `groups_range`); None when they would not.
+    fn quiet_check<'a>(&self, job: &Job, fingerprint: &'a str) -> Option<QuietCheck<'a>> {
+        let kind = match job.phase {
+            _ if self.opts.trace => return None,
+            0 => Kind::User,
+            1 if self.eff.groups && self.cfg.groups.is_empty() => Kind::Group,
+            _ => return None,
+        };
+        Some(QuietCheck {
+            kind,
+            fingerprint,
+            excludes_service_accounts: self.cfg.exclude_service_accounts,
+        })
     }
 
     /// A dry run: every phase in memory, nothing recorded.
