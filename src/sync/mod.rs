@@ -728,6 +728,8 @@ impl Engine {
         };
         let mut leaving = Leaving::Store;
         let until = job.until_id.as_deref();
+        // The job of the users' or the groups' first range: the rest of its phase waits for it
+        // to settle the phase's quiet batches (deprovisioning is one job).
         if job.after_id.is_empty() && job.phase < 2 {
             self.refresh_mappings();
             let fingerprint = self.fingerprint();
