@@ -729,13 +729,20 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
 // range bounds (the jobs' `until_id`s) that sort before it: bounds and objects in one ordered
 // stream, a running sum of bounds. A plain join with the states (PostgreSQL hashes it). The
 // ordering is the database's, as when the bounds were made (`start_run_with_jobs`).
+// Only jobs still pending and not being claimed are settled (PostgreSQL: locked first, skipping
+// any a claim holds, so the two never wait on each other); the phase's other jobs are claimed
+// and worked meanwhile as usual.
 // `$objects`: a select of (id, 0, changed, skipped) over every object of the phase: changed 1
 // when its batch has something to do for it, skipped 1 when it is out of scope with nothing
 // to take back (counted as skipped, as its batch would).
 macro_rules! settle_quiet {
-    ($objects:expr) => {
+    ($objects:expr, $lock:literal) => {
         concat!(
             "WITH b AS (SELECT id, until_id, status FROM jobs WHERE run_id = $2 AND phase = $3), \
+             free AS (SELECT id FROM jobs WHERE run_id = $2 AND phase = $3 \
+                 AND status = 'pending'",
+            $lock,
+            "), \
              marks AS (SELECT until_id AS id, 1 AS bound, 0 AS changed, 0 AS skipped FROM b \
                  WHERE until_id IS NOT NULL UNION ALL ",
             $objects,
@@ -748,7 +755,7 @@ macro_rules! settle_quiet {
              quiet AS (SELECT ranked.id, COALESCE(per_range.n, 0) AS n, \
                  COALESCE(per_range.skipped, 0) AS skipped FROM ranked \
                  LEFT JOIN per_range ON per_range.k = ranked.k \
-                 WHERE ranked.status = 'pending' AND ranked.id <> $4 \
+                 WHERE ranked.id IN (SELECT id FROM free) AND ranked.id <> $4 \
                  AND COALESCE(per_range.changed, 0) = 0) \
              UPDATE jobs SET status = 'done', lease_until = NULL, \
                  result = '{\"unchanged\":' || quiet.n || ',\"skipped\":' || quiet.skipped || '}' \
@@ -760,35 +767,51 @@ macro_rules! settle_quiet {
 
 // Users: unchanged as the user scan tells it ($5 "<fingerprint>:", $6 excludes service
 // accounts); a service account the target excludes and never got is skipped.
-const SETTLE_USERS: &str = settle_quiet!(concat!(
-    "SELECT u.id, 0, CASE WHEN COALESCE(",
-    user_unchanged!(),
-    ", FALSE) OR (",
-    user_excluded_untouched!(),
-    ") THEN 0 ELSE 1 END, CASE WHEN ",
-    user_excluded_untouched!(),
-    " THEN 1 ELSE 0 END FROM users u LEFT JOIN sync_state s \
-     ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id"
-));
+macro_rules! settle_users {
+    ($lock:literal) => {
+        settle_quiet!(
+            concat!(
+                "SELECT u.id, 0, CASE WHEN COALESCE(",
+                user_unchanged!(),
+                ", FALSE) OR (",
+                user_excluded_untouched!(),
+                ") THEN 0 ELSE 1 END, CASE WHEN ",
+                user_excluded_untouched!(),
+                " THEN 1 ELSE 0 END FROM users u LEFT JOIN sync_state s \
+                 ON s.target = $1 AND s.kind = 'user' AND s.local_id = u.id"
+            ),
+            $lock
+        )
+    };
+}
 
-const SETTLE_GROUPS_SQLITE: &str = settle_quiet!(concat!(
-    "SELECT g.id, 0, CASE WHEN ",
-    group_same_sqlite!(),
-    " THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
+const SETTLE_USERS_SQLITE: &str = settle_users!("");
+const SETTLE_USERS_POSTGRES: &str = settle_users!(" FOR UPDATE SKIP LOCKED");
+
+const SETTLE_GROUPS_SQLITE: &str = settle_quiet!(
+    concat!(
+        "SELECT g.id, 0, CASE WHEN ",
+        group_same_sqlite!(),
+        " THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
      ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id"
-));
+    ),
+    ""
+);
 
 // PostgreSQL: quiet only with the current key (member epoch included); a group recorded at an
 // older epoch is left to its batch, which compares its members and records the new key.
-const SETTLE_GROUPS_POSTGRES: &str = settle_quiet!(concat!(
-    "SELECT g.id, 0, CASE WHEN COALESCE(",
-    group_unchanged_base!(),
-    " AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch, FALSE) \
+const SETTLE_GROUPS_POSTGRES: &str = settle_quiet!(
+    concat!(
+        "SELECT g.id, 0, CASE WHEN COALESCE(",
+        group_unchanged_base!(),
+        " AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch, FALSE) \
      THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
      ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id CROSS JOIN (",
-    member_epoch!(),
-    ") e"
-));
+        member_epoch!(),
+        ") e"
+    ),
+    " FOR UPDATE SKIP LOCKED"
+);
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
      s.resource_hash, s.last_resource, s.members, s.status, s.last_error, s.attempts, \
@@ -2061,33 +2084,12 @@ impl Store {
         }
     }
 
-    /// Opens the phase of `first`, the job of its first range (users or groups): settles the
-    /// phase's quiet batches when `check` says how, then lets the phase's other jobs be
-    /// claimed (see `claim_pick`). Every other pending job of the phase whose objects are all
-    /// unchanged since sent (see [`QuietCheck`]) is done, with its counts of unchanged and
-    /// skipped objects as its result; returns those counts summed.
-    pub async fn open_phase(
-        &self,
-        first: &Job,
-        check: Option<QuietCheck<'_>>,
-    ) -> Result<Settled, StoreError> {
-        let settled = match check {
-            Some(check) => self.settle_quiet_jobs(first, check).await?,
-            None => Settled::default(),
-        };
-        let _turn = self.write_turn().await;
-        on_pool!(self, |p| sqlx::query(
-            "UPDATE jobs SET result = '{}' WHERE id = $1 AND status = 'running' AND result IS NULL"
-        )
-        .bind(first.id)
-        .execute(p)
-        .await
-        .map(|_| ()))?;
-        Ok(settled)
-    }
-
+    /// Settles the quiet batches of the phase of `first`, the job of its first range (users
+    /// or groups): every other pending job of the phase whose objects are all unchanged since
+    /// sent (see [`QuietCheck`]) is done, with its counts of unchanged and skipped objects as
+    /// its result; returns those counts summed.
     /// A target with no state of the kind yet (a first sync) has nothing to settle.
-    async fn settle_quiet_jobs(
+    pub async fn settle_quiet_jobs(
         &self,
         first: &Job,
         check: QuietCheck<'_>,
@@ -2110,7 +2112,7 @@ impl Store {
         let _turn = self.write_turn().await;
         let prefix = Source::key_prefix(fingerprint);
         let sql = match kind {
-            Kind::User => SETTLE_USERS,
+            Kind::User => self.per_backend(SETTLE_USERS_SQLITE, SETTLE_USERS_POSTGRES),
             Kind::Group => self.per_backend(SETTLE_GROUPS_SQLITE, SETTLE_GROUPS_POSTGRES),
         };
         macro_rules! query {
@@ -2193,9 +2195,7 @@ impl Store {
     }
 
     /// The id of the next job to claim: `which` jobs (see `CLAIM_ORDER`) of run `$4` (any
-    /// when NULL) whose earlier phases are done, in claim order. The rest of a phase waits
-    /// for the job of its first range to open it (`open_phase`: it settles the quiet batches
-    /// first; its result, NULL until then, says it did).
+    /// when NULL) whose earlier phases are done, in claim order.
     fn claim_pick(&self, which: &str) -> String {
         // SQLite runs writers one at a time, so its one statement is atomic as it is.
         let lock = self.per_backend("", " FOR UPDATE SKIP LOCKED");
@@ -2203,9 +2203,7 @@ impl Store {
             "SELECT j.id FROM jobs j WHERE {which} \
              AND ($4 IS NULL OR j.run_id = $4) \
              AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
-                 AND e.status IN ('pending', 'running') AND (e.phase < j.phase \
-                 OR (e.phase = j.phase AND e.after_id = '' AND j.after_id <> '' \
-                     AND e.result IS NULL))) \
+                 AND e.status IN ('pending', 'running') AND (e.phase < j.phase)) \
              ORDER BY j.run_id, j.phase, j.id LIMIT 1{lock}"
         )
     }
@@ -2424,7 +2422,7 @@ impl Store {
 
 const JOB_COLS: &str = "id, run_id, target, phase, after_id, until_id";
 
-/// How [`Store::open_phase`] tells a quiet batch: every object of `kind` in its range is
+/// How [`Store::settle_quiet_jobs`] tells a quiet batch: every object of `kind` in its range is
 /// unchanged since sent with `fingerprint` (see [`Source::key_of`]), or is a service account
 /// the target excludes (`excludes_service_accounts`) with nothing on the target.
 #[derive(Debug, Clone, Copy)]
@@ -2434,7 +2432,7 @@ pub struct QuietCheck<'a> {
     pub excludes_service_accounts: bool,
 }
 
-/// What [`Store::open_phase`] settled.
+/// What [`Store::settle_quiet_jobs`] settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Settled {
     pub jobs: u64,

@@ -728,18 +728,16 @@ impl Engine {
         };
         let mut leaving = Leaving::Store;
         let until = job.until_id.as_deref();
-        // The job of the users' or the groups' first range: the rest of its phase waits for it
-        // to settle the phase's quiet batches (deprovisioning is one job).
+        // The job of the users' or the groups' first range settles its phase's quiet batches.
         if job.after_id.is_empty() && job.phase < 2 {
             self.refresh_mappings();
             let fingerprint = self.fingerprint();
-            let check = self.quiet_check(job, &fingerprint);
-            let settled = self.store.open_phase(job, check).await?;
-            if let Some(check) = check {
+            if let Some(check) = self.quiet_check(job, &fingerprint) {
+                let settled = self.store.settle_quiet_jobs(job, check).await?;
                 self.count_objects(check.kind, Action::Unchanged, settled.unchanged);
                 self.count_objects(check.kind, Action::Skipped, settled.skipped);
+                progress.advance(settled.unchanged + settled.skipped);
             }
-            progress.advance(settled.unchanged + settled.skipped);
         }
         match job.phase {
             0 => {
@@ -771,7 +769,7 @@ impl Engine {
     }
 
     /// How the job of a phase's first range tells the phase's quiet batches
-    /// ([`Store::open_phase`]): as the scans tell unchanged objects (see `users_range` and
+    /// ([`Store::settle_quiet_jobs`]): as the scans tell unchanged objects (see `users_range` and
     /// `groups_range`); None when they would not.
     fn quiet_check<'a>(&self, job: &Job, fingerprint: &'a str) -> Option<QuietCheck<'a>> {
         let kind = match job.phase {

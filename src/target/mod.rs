@@ -722,8 +722,8 @@ impl TargetClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
                 .body(b.to_owned());
         }
-        // Held for the request only, not for a backoff sleep.
-        let _permit = self.in_flight.acquire().await;
+        // Held for the exchange only: not for a backoff sleep, nor for reading the answer.
+        let permit = self.in_flight.acquire().await;
         self.stats.count(method);
         let started = std::time::Instant::now();
         let sent = req.send().await;
@@ -758,6 +758,7 @@ impl TargetClient {
                 Err(e) => return Err(Attempt::Transient(mk(describe_reqwest(&e)), None)),
             }
         }
+        drop(permit);
         if status.is_success() {
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Answer { body: None });
