@@ -738,7 +738,7 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
 macro_rules! settle_quiet {
     ($objects:expr, $lock:literal) => {
         concat!(
-            "WITH b AS (SELECT id, until_id, status FROM jobs WHERE run_id = $2 AND phase = $3), \
+            "WITH b AS (SELECT id, until_id FROM jobs WHERE run_id = $2 AND phase = $3), \
              free AS (SELECT id FROM jobs WHERE run_id = $2 AND phase = $3 \
                  AND status = 'pending'",
             $lock,
@@ -750,7 +750,7 @@ macro_rules! settle_quiet {
                  ROWS UNBOUNDED PRECEDING) - bound AS k FROM marks), \
              per_range AS (SELECT k, SUM(1 - bound - skipped) AS n, SUM(changed) AS changed, \
                  SUM(skipped) AS skipped FROM placed GROUP BY k), \
-             ranked AS (SELECT id, status, ROW_NUMBER() OVER (ORDER BY until_id IS NULL, until_id) \
+             ranked AS (SELECT id, ROW_NUMBER() OVER (ORDER BY until_id IS NULL, until_id) \
                  - 1 AS k FROM b), \
              quiet AS (SELECT ranked.id, COALESCE(per_range.n, 0) AS n, \
                  COALESCE(per_range.skipped, 0) AS skipped FROM ranked \
@@ -2149,7 +2149,6 @@ impl Store {
             .filter_map(|r| serde_json::from_str::<Value>(r).ok())
         {
             let count = |k| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-            settled.jobs += 1;
             settled.unchanged += count("unchanged");
             settled.skipped += count("skipped");
         }
@@ -2203,7 +2202,7 @@ impl Store {
             "SELECT j.id FROM jobs j WHERE {which} \
              AND ($4 IS NULL OR j.run_id = $4) \
              AND NOT EXISTS (SELECT 1 FROM jobs e WHERE e.run_id = j.run_id \
-                 AND e.status IN ('pending', 'running') AND (e.phase < j.phase)) \
+                 AND e.status IN ('pending', 'running') AND e.phase < j.phase) \
              ORDER BY j.run_id, j.phase, j.id LIMIT 1{lock}"
         )
     }
@@ -2435,7 +2434,6 @@ pub struct QuietCheck<'a> {
 /// What [`Store::settle_quiet_jobs`] settled.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Settled {
-    pub jobs: u64,
     pub unchanged: u64,
     pub skipped: u64,
 }
