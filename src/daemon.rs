@@ -183,15 +183,22 @@ async fn schedule(
     Ok(Some(sched))
 }
 
-async fn start_full_sync(s: &Shared, target: &str, trigger: &str, slot: Option<i64>) {
+/// Starts a full sync of `target`, or joins the one running; the run's id, None when another
+/// process fired this schedule slot or the run could not be started (logged).
+async fn start_full_sync(
+    s: &Shared,
+    target: &str,
+    trigger: &str,
+    slot: Option<i64>,
+) -> Option<i64> {
     if let Some(slot) = slot {
         let name = format!("cron:{target}:{slot}");
         match s.store.try_lease(&name, &s.holder, 86_400_000).await {
             Ok(true) => {}
-            Ok(false) => return, // another process fired this one
+            Ok(false) => return None, // another process fired this one
             Err(e) => {
                 tracing::error!(target = %target, error = %e, "cannot take the schedule lease");
-                return;
+                return None;
             }
         }
     }
@@ -200,11 +207,18 @@ async fn start_full_sync(s: &Shared, target: &str, trigger: &str, slot: Option<i
         .start_run_with_jobs(target, trigger, s.cfg.worker.batch_size)
         .await
     {
-        Ok((id, true)) => tracing::info!(target = %target, run = id, "full sync started"),
-        Ok((id, false)) => {
-            tracing::info!(target = %target, run = id, "full sync already running; not starting another")
+        Ok((id, true)) => {
+            tracing::info!(target = %target, run = id, "full sync started");
+            Some(id)
         }
-        Err(e) => tracing::error!(target = %target, error = %e, "cannot start a full sync"),
+        Ok((id, false)) => {
+            tracing::info!(target = %target, run = id, "full sync already running; not starting another");
+            Some(id)
+        }
+        Err(e) => {
+            tracing::error!(target = %target, error = %e, "cannot start a full sync");
+            None
+        }
     }
 }
 
@@ -274,19 +288,28 @@ async fn consume_events(s: Arc<Shared>, target: String) {
     let lease_ms = i64::try_from(s.cfg.worker.job_lease.0.saturating_mul(1000)).unwrap_or(30_000);
     let poll = Duration::from_millis(s.cfg.worker.event_poll_interval_ms);
     let mut wake = s.store.event_notifications().await;
+    // Events left after a round are held back by an older transaction still running
+    // (PostgreSQL; its commit may not notify): look again soon, less often while it lasts.
+    let mut held = HELD_FIRST;
     while !s.cancel.is_cancelled() {
+        let mut pause = poll;
         match s.store.try_lease(&lease_name, &s.holder, lease_ms).await {
-            Ok(true) => {
-                if let Err(e) = consume_round(&s, &engine, &target).await {
+            Ok(true) => match consume_round(&s, &engine, &target).await {
+                Ok(true) => {
+                    pause = held.min(poll);
+                    held = (held * 2).min(poll);
+                }
+                Ok(false) => held = HELD_FIRST,
+                Err(e) => {
                     tracing::error!(target = %target, error = %e, "event round failed; retrying");
                 }
-            }
+            },
             Ok(false) => {} // another process consumes this target's events
             Err(e) => tracing::error!(target = %target, error = %e, "cannot take the event lease"),
         }
         tokio::select! {
             _ = s.cancel.cancelled() => break,
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = async {
                 match wake.as_mut() {
                     Some(l) => { let _ = l.recv().await; }
@@ -298,21 +321,33 @@ async fn consume_events(s: Arc<Shared>, target: String) {
     let _ = s.store.release_lease(&lease_name, &s.holder).await;
 }
 
-/// One round: read new events, sync each changed object once, then move the position.
+/// The first wait for events an older transaction holds back.
+const HELD_FIRST: Duration = Duration::from_millis(10);
+
+/// One round: read new events, sync each changed object once, then move the position. True
+/// when committed events are left that could not be read yet.
 async fn consume_round(
     s: &Shared,
     engine: &Engine,
     target: &str,
-) -> Result<(), crate::sync::SyncError> {
+) -> Result<bool, crate::sync::SyncError> {
     let store = &s.store;
-    let mut cursor = store.cursor(target).await?;
-    if !store.has_cursor(target).await? {
-        // First start for this target: what happened before is the full sync's to do.
-        let last = store.last_event_seq().await?;
-        store.set_cursor(target, last).await?;
-        start_full_sync(s, target, "start", None).await;
-        cursor = last;
-    }
+    let mut cursor = match store.cursor(target).await? {
+        Some(c) => c,
+        None => {
+            // First start for this target: what happened before is a full sync's to do. The
+            // events are consumed from where that run's view of the directory begins, not from
+            // the stream's end: a run already going may have worked a batch before a change
+            // whose event is older than now. Not started (logged): the next round tries again.
+            let head = store.events_head().await?;
+            let Some(run) = start_full_sync(s, target, "start", None).await else {
+                return Ok(false);
+            };
+            let from = store.run_events_position(run).await?.unwrap_or(head);
+            store.set_cursor(target, from).await?;
+            from
+        }
+    };
     loop {
         let events = store.events_after(cursor, EVENTS_PER_ROUND).await?;
         let Some(last) = events.last().map(|e| e.0) else {
@@ -359,7 +394,7 @@ async fn consume_round(
     metrics::gauge!("scimsync_event_backlog", "target" => target.to_string()).set(backlog as f64);
     let age = oldest.map_or(0.0, |t| (crate::store::now_ms() - t).max(0) as f64 / 1000.0);
     metrics::gauge!("scimsync_event_oldest_age_seconds", "target" => target.to_string()).set(age);
-    Ok(())
+    Ok(backlog > 0)
 }
 
 /// Removes from `ids` the deletions that would trip the target's deletion guard if sent one by

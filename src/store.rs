@@ -57,6 +57,14 @@ macro_rules! on_pool {
     };
 }
 
+/// A place in the change-event stream: events are consumed in (tx, seq) order. `tx` is the
+/// writing transaction on PostgreSQL (migration 0008) and 0 on SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct EventPos {
+    pub tx: i64,
+    pub seq: i64,
+}
+
 /// What scimsync last did for one object on one target.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SyncState {
@@ -616,6 +624,22 @@ macro_rules! user_scan {
         )
     };
 }
+
+// The oldest transaction still running (every older one has committed or rolled back), as
+// the bigint the change events' `tx` holds. READ COMMITTED: the statement's own snapshot, so
+// every event below it that committed is visible to the same statement.
+macro_rules! events_horizon {
+    () => {
+        "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+    };
+}
+const EVENTS_HORIZON_POSTGRES: &str = events_horizon!();
+const EVENTS_AFTER_POSTGRES: &str = concat!(
+    "SELECT tx, seq, kind, object_id, created_at FROM change_events ",
+    "WHERE (tx, seq) > ($1, $2) AND tx < (",
+    events_horizon!(),
+    ") ORDER BY tx, seq LIMIT $3"
+);
 
 const USER_SCAN_SQLITE: &str = user_scan!(sqlite);
 const USER_SCAN_POSTGRES: &str = user_scan!(postgres);
@@ -1832,48 +1856,52 @@ impl Store {
 
     // ---- daemon: event cursors, leases, full-sync runs made of batch jobs ----
 
-    /// The last event `target` has consumed (0 before the first).
-    pub async fn cursor(&self, target: &str) -> Result<i64, StoreError> {
-        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
-            "SELECT last_seq FROM event_cursors WHERE target = $1"
+    /// How far `target` has consumed the event stream; None before its consumer first ran.
+    pub async fn cursor(&self, target: &str) -> Result<Option<EventPos>, StoreError> {
+        let row: Option<(i64, i64)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT last_tx, last_seq FROM event_cursors WHERE target = $1"
         )
         .bind(target)
         .fetch_optional(p)
         .await)?;
-        Ok(row.map_or(0, |(s,)| s))
+        Ok(row.map(|(tx, seq)| EventPos { tx, seq }))
     }
 
-    pub async fn set_cursor(&self, target: &str, seq: i64) -> Result<(), StoreError> {
+    pub async fn set_cursor(&self, target: &str, pos: EventPos) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
         on_pool!(self, |p| sqlx::query(
-            "INSERT INTO event_cursors (target, last_seq) VALUES ($1, $2) \
-             ON CONFLICT (target) DO UPDATE SET last_seq = excluded.last_seq"
+            "INSERT INTO event_cursors (target, last_tx, last_seq) VALUES ($1, $2, $3) \
+             ON CONFLICT (target) DO UPDATE SET last_tx = excluded.last_tx, \
+             last_seq = excluded.last_seq"
         )
         .bind(target)
-        .bind(seq)
+        .bind(pos.tx)
+        .bind(pos.seq)
         .execute(p)
         .await
         .map(|_| ()))?;
         Ok(())
     }
 
-    pub async fn has_cursor(&self, target: &str) -> Result<bool, StoreError> {
-        let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
-            "SELECT last_seq FROM event_cursors WHERE target = $1"
-        )
-        .bind(target)
-        .fetch_optional(p)
-        .await)?;
-        Ok(row.is_some())
-    }
-
-    pub async fn last_event_seq(&self) -> Result<i64, StoreError> {
-        let (n,): (Option<i64>,) = on_pool!(self, |p| sqlx::query_as(
-            "SELECT MAX(seq) FROM change_events"
-        )
-        .fetch_one(p)
-        .await)?;
-        Ok(n.unwrap_or(0))
+    /// The position before which every event is final: no transaction can still add one
+    /// there. SQLite: the last event (one writer at a time). PostgreSQL: the oldest
+    /// transaction still running, which may yet commit events (see migration 0008).
+    pub async fn events_head(&self) -> Result<EventPos, StoreError> {
+        match &*self.backend {
+            Backend::Sqlite(p) => {
+                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM change_events")
+                    .fetch_one(p)
+                    .await?;
+                Ok(EventPos {
+                    tx: 0,
+                    seq: seq.unwrap_or(0),
+                })
+            }
+            Backend::Postgres(p) => {
+                let (tx,): (i64,) = sqlx::query_as(EVENTS_HORIZON_POSTGRES).fetch_one(p).await?;
+                Ok(EventPos { tx, seq: 0 })
+            }
+        }
     }
 
     /// Whether the directory holds this object.
@@ -1897,32 +1925,62 @@ impl Store {
         Some(l)
     }
 
-    /// Events after `seq`, oldest first: (seq, kind, object id, created_at).
+    /// Up to `limit` events after `pos`, in the order they are consumed: (position, kind,
+    /// object id, created_at). On PostgreSQL only events of transactions older than every
+    /// one still running: a later commit cannot slip in before what has been read.
     pub async fn events_after(
         &self,
-        seq: i64,
+        pos: EventPos,
         limit: i64,
-    ) -> Result<Vec<(i64, String, String, i64)>, StoreError> {
-        let rows = on_pool!(self, |p| sqlx::query_as(
-            "SELECT seq, kind, object_id, created_at FROM change_events WHERE seq > $1 \
-             ORDER BY seq LIMIT $2"
-        )
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(p)
-        .await)?;
-        Ok(rows)
+    ) -> Result<Vec<(EventPos, String, String, i64)>, StoreError> {
+        let rows: Vec<(i64, i64, String, String, i64)> = match &*self.backend {
+            Backend::Sqlite(p) => {
+                sqlx::query_as(
+                    "SELECT 0, seq, kind, object_id, created_at FROM change_events \
+                     WHERE seq > $1 ORDER BY seq LIMIT $2",
+                )
+                .bind(pos.seq)
+                .bind(limit)
+                .fetch_all(p)
+                .await?
+            }
+            Backend::Postgres(p) => {
+                sqlx::query_as(EVENTS_AFTER_POSTGRES)
+                    .bind(pos.tx)
+                    .bind(pos.seq)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(tx, seq, kind, id, at)| (EventPos { tx, seq }, kind, id, at))
+            .collect())
     }
 
-    /// (events not yet consumed by `target`, created_at of the oldest of them).
+    /// (events not yet consumed by `target`, created_at of the oldest of them): those
+    /// committed, including any a still-running older transaction holds back.
     pub async fn backlog(&self, target: &str) -> Result<(i64, Option<i64>), StoreError> {
-        let cursor = self.cursor(target).await?;
-        let row: (i64, Option<i64>) = on_pool!(self, |p| sqlx::query_as(
-            "SELECT COUNT(*), MIN(created_at) FROM change_events WHERE seq > $1"
-        )
-        .bind(cursor)
-        .fetch_one(p)
-        .await)?;
+        let pos = self.cursor(target).await?.unwrap_or_default();
+        let row: (i64, Option<i64>) = match &*self.backend {
+            Backend::Sqlite(p) => {
+                sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM change_events WHERE seq > $1")
+                    .bind(pos.seq)
+                    .fetch_one(p)
+                    .await?
+            }
+            Backend::Postgres(p) => {
+                sqlx::query_as(
+                    "SELECT COUNT(*), MIN(created_at) FROM change_events \
+                     WHERE (tx, seq) > ($1, $2)",
+                )
+                .bind(pos.tx)
+                .bind(pos.seq)
+                .fetch_one(p)
+                .await?
+            }
+        };
         Ok(row)
     }
 
@@ -1964,6 +2022,21 @@ impl Store {
     }
 
     /// The full sync of `target` that is running, if any.
+    /// Where the event stream stood when run `id` was created (None: a run created before
+    /// migration 0008, or no such run).
+    pub async fn run_events_position(&self, id: i64) -> Result<Option<EventPos>, StoreError> {
+        let row: Option<(Option<i64>, Option<i64>)> = on_pool!(self, |p| sqlx::query_as(
+            "SELECT events_tx, events_seq FROM runs WHERE id = $1"
+        )
+        .bind(id)
+        .fetch_optional(p)
+        .await)?;
+        Ok(match row {
+            Some((Some(tx), Some(seq))) => Some(EventPos { tx, seq }),
+            _ => None,
+        })
+    }
+
     pub async fn running_run(&self, target: &str) -> Result<Option<i64>, StoreError> {
         let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
             "SELECT id FROM runs WHERE target = $1 AND status = 'running'"
@@ -2011,6 +2084,12 @@ impl Store {
         self.refresh_statistics().await?;
         let now = now_ms();
         let batch = batch_size.max(1) as usize;
+        // Where the event stream stands: every event before it has committed, so this run's
+        // batches, which read the directory after this transaction, see its change.
+        let events = match &*self.backend {
+            Backend::Sqlite(_) => "0, (SELECT COALESCE(MAX(seq), 0) FROM change_events)",
+            Backend::Postgres(_) => concat!("(", events_horizon!(), "), 0"),
+        };
         let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin_with(self.write_begin()).await?;
             // The batches of runs that ended a while ago have served their summaries (their
@@ -2023,10 +2102,11 @@ impl Store {
             .bind(now - JOBS_KEPT_MS)
             .execute(&mut *tx)
             .await?;
-            let (run_id,): (i64,) = sqlx::query_as(
-                "INSERT INTO runs (target, trigger, dry_run, started_at, status) \
-                 VALUES ($1, $2, $3, $4, 'running') RETURNING id",
-            )
+            let (run_id,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO runs (target, trigger, dry_run, started_at, status, \
+                 events_tx, events_seq) \
+                 VALUES ($1, $2, $3, $4, 'running', {events}) RETURNING id"
+            )))
             .bind(target)
             .bind(trigger)
             .bind(false)

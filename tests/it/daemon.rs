@@ -460,3 +460,153 @@ async fn run_batches_cover_the_directory_in_ranges(db: Db) {
 }
 
 on_both_databases!(run_batches_cover_the_directory_in_ranges);
+
+/// A daemon starting for the first time while a full sync is going (started elsewhere, part
+/// of it worked) consumes the events from where that run began, not from the stream's end: a
+/// change made after a worked batch read its object still reaches the target.
+async fn first_start_joining_a_run_sends_what_its_worked_batches_missed(db: Db) {
+    let Some(env) = Env::new(db, "first_start_joins_run").await else {
+        return;
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\"}").await;
+    let (run, created) = env
+        .store
+        .start_run_with_jobs("sandbox", "test", 100)
+        .await
+        .expect("run");
+    assert!(created);
+    // Another process works the users' batch, then stops before the rest.
+    let engine = env
+        .engine(scimsync::sync::SyncOptions {
+            batch_size: 100,
+            ..Default::default()
+        })
+        .await;
+    let job = env
+        .store
+        .claim_job("other", 60_000, Some(run))
+        .await
+        .expect("claim")
+        .expect("the users' batch");
+    assert_eq!(job.phase, 0);
+    engine
+        .work_job(&job, "other", &scimsync::sync::NoProgress)
+        .await
+        .expect("batch");
+    assert_eq!(
+        env.remote_user("alice").expect("alice")["displayName"],
+        "Alice"
+    );
+    // It holds the groups' batch while a daemon starts, so the run is still going then.
+    let groups = env
+        .store
+        .claim_job("other", 60_000, Some(run))
+        .await
+        .expect("claim")
+        .expect("the groups' batch");
+    assert_eq!(groups.phase, 1);
+    // A change after the users' batch read alice.
+    env.import(
+        "{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice Renamed\"}",
+    )
+    .await;
+
+    let url = env.db_url.clone();
+    let d = start(&env, &url);
+    until("the rename", || {
+        env.remote_user("alice")
+            .is_some_and(|u| u["displayName"] == "Alice Renamed")
+    })
+    .await;
+    assert!(
+        env.store
+            .running_run("sandbox")
+            .await
+            .expect("query")
+            .is_some()
+    );
+    engine
+        .work_job(&groups, "other", &scimsync::sync::NoProgress)
+        .await
+        .expect("batch");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .store
+        .running_run("sandbox")
+        .await
+        .expect("query")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "the joined run did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It joined that run rather than starting another.
+    assert_eq!(runs(&env.store).await.len(), 1);
+    d.stop().await;
+    env.finish().await;
+}
+
+on_both_databases!(first_start_joining_a_run_sends_what_its_worked_batches_missed);
+
+/// PostgreSQL hands out event numbers when events are written, not when they commit: a host
+/// transaction that wrote first and commits last must not be skipped by a consumer that
+/// already read the later event. Events wait behind the older transaction still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_after_a_newer_one_is_not_lost() {
+    let test = "event_committed_late";
+    if postgres_url(test).is_none() {
+        return;
+    }
+    let Some(env) = Env::new(Db::Postgres, test).await else {
+        return;
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"alice\",\"name\":\"Alice\"}\n{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\",\"name\":\"Bob\"}").await;
+    let url = env.db_url.clone();
+    let d = start(&env, &url);
+    until("the first full sync", || env.sandbox.users().len() == 2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .store
+        .running_run("sandbox")
+        .await
+        .expect("query")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "run did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A host transaction writes alice first (the lower event number) and stays open...
+    use sqlx::Connection;
+    let mut host = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("BEGIN")
+        .execute(&mut host)
+        .await
+        .expect("begin");
+    sqlx::query("UPDATE users SET name = 'Alice Late' WHERE id = 'u-1'")
+        .execute(&mut host)
+        .await
+        .expect("update");
+    // ...while bob's change commits after it, with the higher number.
+    env.import("{\"kind\":\"user\",\"id\":\"u-2\",\"username\":\"bob\",\"name\":\"Bob Early\"}")
+        .await;
+    // Ten poll intervals: bob's event waits behind the open transaction.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.remote_user("bob").expect("bob")["displayName"], "Bob");
+    assert!(env.store.backlog("sandbox").await.expect("backlog").0 >= 1);
+    sqlx::query("COMMIT")
+        .execute(&mut host)
+        .await
+        .expect("commit");
+    until("both changes", || {
+        env.remote_user("alice")
+            .is_some_and(|u| u["displayName"] == "Alice Late")
+            && env
+                .remote_user("bob")
+                .is_some_and(|u| u["displayName"] == "Bob Early")
+    })
+    .await;
+    let _ = host.close().await;
+    d.stop().await;
+    env.finish().await;
+}
