@@ -9,7 +9,9 @@
 //! object (the sink runs on its own thread, whose CPU is not counted), the same with
 //! `bulk = true` (the sink takes /Bulk, 1,000 operations a request), no-op resync time and
 //! requests, change → target latency p50/p99 through the daemon, the throughput against a
-//! target answering in 5 ms as a share of concurrency / latency, and the peak RSS from the
+//! target answering in 5 ms as a share of concurrency / latency (with how long a request held
+//! one of the concurrency's slots as scimsync saw it, and how busy the slots were kept while
+//! sending: what is lost in the exchange and what between requests), and the peak RSS from the
 //! first sync on (the sample directory's generation and import are not counted).
 
 use std::collections::HashMap;
@@ -222,9 +224,18 @@ fn bench_workers() -> usize {
 
 /// The engine `scimsync sync --full` would make for this target.
 async fn engine_for(store: &Store, target: &TargetConfig) -> Engine {
+    engine_with(
+        store,
+        target,
+        Arc::new(TargetClient::new(target).expect("client")),
+    )
+    .await
+}
+
+async fn engine_with(store: &Store, target: &TargetConfig, client: Arc<TargetClient>) -> Engine {
     Engine::new(
         store.clone(),
-        Arc::new(TargetClient::new(target).expect("client")),
+        client,
         target.clone(),
         Arc::new(LiveMappings::load(&target.mappings).expect("mappings")),
         SyncOptions {
@@ -403,7 +414,8 @@ async fn bench(db: &str, n: usize) {
     state.latency_ms.store(5, Ordering::Relaxed);
     let mut slow = target.clone();
     slow.name = "slow".into();
-    let slow_engine = engine_for(&store, &slow).await;
+    let slow_client = Arc::new(TargetClient::new(&slow).expect("client"));
+    let slow_engine = engine_with(&store, &slow, slow_client.clone()).await;
     let (r2, t2) = (state.requests.load(Ordering::Relaxed), Instant::now());
     let s3 = slow_engine.full_sync(&NoProgress).await.expect("slow sync");
     let slow_wall = t2.elapsed().as_secs_f64();
@@ -419,9 +431,14 @@ async fn bench(db: &str, n: usize) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .map_or(slow_wall, |(first, last)| (last - first).as_secs_f64());
+    // How busy the configured concurrency was kept while sending: the time requests held a
+    // slot (request written → answer read, as scimsync sees it) over concurrency × window.
+    let held = slow_client.stats.held_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let busy = held / (slow.concurrency as f64 * sending);
+    let held_ms = held * 1e3 / slow_requests;
 
     println!(
-        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {bulk_wall:.2} s, {:.0}/s, {bulk_requests} req, {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} ({:.2} ms answers; {:.0}% while sending) | {:.0} MB |",
+        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {bulk_wall:.2} s, {:.0}/s, {bulk_requests} req, {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} ({:.2} ms answers; {:.0}% while sending; slots held {held_ms:.2} ms a request, busy {:.0}%) | {:.0} MB |",
         objects / wall,
         cpu / objects * 1e6,
         objects / bulk_wall,
@@ -433,6 +450,7 @@ async fn bench(db: &str, n: usize) {
         slow_requests / slow_wall / bound * 100.0,
         waited * 1000.0,
         slow_requests / sending / bound * 100.0,
+        busy * 100.0,
         peak_rss_mb()
     );
     store.close().await;

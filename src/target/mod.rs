@@ -98,6 +98,9 @@ pub struct RequestStats {
     pub put: AtomicU64,
     pub patch: AtomicU64,
     pub delete: AtomicU64,
+    /// Microseconds requests held a slot of the target's concurrency, summed: against
+    /// concurrency × elapsed, how busy the configured concurrency was kept.
+    pub held_micros: AtomicU64,
 }
 
 tokio::task_local! {
@@ -759,6 +762,10 @@ impl TargetClient {
             }
         }
         drop(permit);
+        self.stats.held_micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         if status.is_success() {
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Answer { body: None });
