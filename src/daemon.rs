@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -291,6 +291,9 @@ async fn consume_events(s: Arc<Shared>, target: String) {
     // Events left after a round are held back by an older transaction still running
     // (PostgreSQL; its commit may not notify): look again soon, less often while it lasts.
     let mut held = HELD_FIRST;
+    // Since when events have been left after every round, and whether that was logged.
+    let mut held_since: Option<Instant> = None;
+    let mut warned = false;
     while !s.cancel.is_cancelled() {
         let mut pause = poll;
         match s.store.try_lease(&lease_name, &s.holder, lease_ms).await {
@@ -298,8 +301,19 @@ async fn consume_events(s: Arc<Shared>, target: String) {
                 Ok(true) => {
                     pause = held.min(poll);
                     held = (held * 2).min(poll);
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    if !warned && since.elapsed() >= HELD_WARN {
+                        warned = warn_held_back(&s, &target, since).await;
+                    }
                 }
-                Ok(false) => held = HELD_FIRST,
+                Ok(false) => {
+                    if warned {
+                        tracing::info!(target = %target, "change events are read again");
+                    }
+                    held = HELD_FIRST;
+                    held_since = None;
+                    warned = false;
+                }
                 Err(e) => {
                     tracing::error!(target = %target, error = %e, "event round failed; retrying");
                 }
@@ -323,6 +337,25 @@ async fn consume_events(s: Arc<Shared>, target: String) {
 
 /// The first wait for events an older transaction holds back.
 const HELD_FIRST: Duration = Duration::from_millis(10);
+/// Held back this long, by a transaction open at least as long: say which.
+const HELD_WARN: Duration = Duration::from_secs(30);
+
+/// Logs the transaction that holds `target`'s events back, if one has been open since they
+/// have been; true once said.
+async fn warn_held_back(s: &Shared, target: &str, since: Instant) -> bool {
+    let secs = i64::try_from(since.elapsed().as_secs()).unwrap_or(i64::MAX);
+    match s.store.oldest_writer(secs).await {
+        Ok(Some(by)) => {
+            tracing::warn!(target = %target, held_secs = secs, "change events wait behind {by}: events are read in commit-safe order, so the ones committed after it began are read once it ends");
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::debug!(target = %target, error = %e, "cannot tell which transaction holds events back");
+            false
+        }
+    }
+}
 
 /// One round: read new events, sync each changed object once, then move the position. True
 /// when committed events are left that could not be read yet.

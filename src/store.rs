@@ -1925,6 +1925,31 @@ impl Store {
         Some(l)
     }
 
+    /// PostgreSQL: the oldest transaction that has written and has been open at least
+    /// `min_secs`, described for a log line (it holds back every later event); None on
+    /// SQLite or when there is none.
+    pub async fn oldest_writer(&self, min_secs: i64) -> Result<Option<String>, StoreError> {
+        let Backend::Postgres(p) = &*self.backend else {
+            return Ok(None);
+        };
+        let row: Option<(i32, String, String, i64, String)> = sqlx::query_as(
+            "SELECT pid, COALESCE(datname, ''), COALESCE(state, ''), \
+             EXTRACT(EPOCH FROM now() - xact_start)::bigint, \
+             COALESCE(left(regexp_replace(query, '\\s+', ' ', 'g'), 120), '') \
+             FROM pg_stat_activity WHERE backend_xid IS NOT NULL \
+             AND xact_start <= now() - make_interval(secs => $1) \
+             ORDER BY xact_start LIMIT 1",
+        )
+        .bind(min_secs as f64)
+        .fetch_optional(p)
+        .await?;
+        Ok(row.map(|(pid, db, state, secs, query)| {
+            format!(
+                "the transaction of PostgreSQL backend {pid} (database {db:?}, {state}, open {secs} s; last statement: {query})"
+            )
+        }))
+    }
+
     /// Up to `limit` events after `pos`, in the order they are consumed: (position, kind,
     /// object id, created_at). On PostgreSQL only events of transactions older than every
     /// one still running: a later commit cannot slip in before what has been read.

@@ -579,6 +579,10 @@ async fn an_event_committed_after_a_newer_one_is_not_lost() {
     // A host transaction writes alice first (the lower event number) and stays open...
     use sqlx::Connection;
     let mut host = sqlx::PgConnection::connect(&url).await.expect("connect");
+    let (pid,): (i32,) = sqlx::query_as("SELECT pg_backend_pid()")
+        .fetch_one(&mut host)
+        .await
+        .expect("pid");
     sqlx::query("BEGIN")
         .execute(&mut host)
         .await
@@ -594,6 +598,24 @@ async fn an_event_committed_after_a_newer_one_is_not_lost() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(env.remote_user("bob").expect("bob")["displayName"], "Bob");
     assert!(env.store.backlog("sandbox").await.expect("backlog").0 >= 1);
+    // What the daemon names when events wait long: the open transaction (other tests'
+    // transactions on the same server may be older for a moment).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let by = env.store.oldest_writer(0).await.expect("query");
+        if by
+            .as_deref()
+            .is_some_and(|b| b.contains(&format!("backend {pid} ")))
+        {
+            let by = by.unwrap_or_default();
+            assert!(by.contains("idle in transaction"), "{by}");
+            assert!(by.contains("UPDATE users SET name"), "{by}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not named: {by:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.store.oldest_writer(3600).await.expect("query"), None);
     sqlx::query("COMMIT")
         .execute(&mut host)
         .await
