@@ -2208,15 +2208,10 @@ impl Engine {
             None => desired.text(),
         };
         w.step(|| format!("request: POST /{} {body}", endpoint(kind)));
-        let created = match self.client.create_text(kind, body).await {
-            Ok(c) => c,
+        let rid = match self.client.create_text(kind, body).await {
+            Ok(id) => id,
             Err(e) => return Ok(Err(e)),
         };
-        let rid = created
-            .get("id")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
         w.step(|| format!("response: created, remote id {rid}"));
         if first.map(<[_]>::len) != members.map(<[_]>::len) {
             let rest = Box::pin(self.send_update(

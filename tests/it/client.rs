@@ -77,7 +77,7 @@ async fn transient_failures_are_retried_honouring_retry_after() {
         .create(Kind::User, &user())
         .await
         .expect("third try succeeds");
-    assert_eq!(created["id"], "r-1");
+    assert_eq!(created, "r-1");
     let at = s.arrivals.lock().expect("lock").clone();
     assert_eq!(at.len(), 3);
     assert!(
