@@ -499,15 +499,13 @@ impl TargetClient {
         Ok(a.body.unwrap_or(Value::Null))
     }
 
-    /// POST; returns the created resource, which must carry an `id`.
     /// POST; returns the created resource's id, which it must carry.
     pub async fn create(&self, kind: Kind, body: &Value) -> Result<String, TargetError> {
         self.create_text(kind, &body.to_string()).await
     }
 
     /// POST of a resource already written as JSON text (the engine writes it once, for the
-    /// request and for its record).
-    /// Returns the new resource's id.
+    /// request and for its record); returns the new resource's id.
     pub async fn create_text(&self, kind: Kind, body: &str) -> Result<String, TargetError> {
         let ep = endpoint(kind);
         let a = self
@@ -599,16 +597,8 @@ impl TargetClient {
     }
 
     pub async fn replace(&self, kind: Kind, id: &str, body: &Value) -> Result<(), TargetError> {
-        let body = body.to_string();
-        self.send_as(
-            Method::PUT,
-            &[endpoint(kind), id],
-            &[],
-            Some(&body),
-            Want::Valid,
-        )
-        .await
-        .map(|_| ())
+        self.write(Method::PUT, kind, id, Some(&body.to_string()))
+            .await
     }
 
     pub async fn patch(
@@ -617,28 +607,30 @@ impl TargetClient {
         id: &str,
         ops: &[PatchOperation],
     ) -> Result<(), TargetError> {
-        let body = scim::patch_body(ops).to_string();
-        self.send_as(
+        self.write(
             Method::PATCH,
-            &[endpoint(kind), id],
-            &[],
-            Some(&body),
-            Want::Valid,
+            kind,
+            id,
+            Some(&scim::patch_body(ops).to_string()),
         )
         .await
-        .map(|_| ())
     }
 
     pub async fn delete(&self, kind: Kind, id: &str) -> Result<(), TargetError> {
-        self.send_as(
-            Method::DELETE,
-            &[endpoint(kind), id],
-            &[],
-            None,
-            Want::Valid,
-        )
-        .await
-        .map(|_| ())
+        self.write(Method::DELETE, kind, id, None).await
+    }
+
+    /// A PUT, PATCH or DELETE of one resource: its answer is only checked to be JSON.
+    async fn write(
+        &self,
+        method: Method,
+        kind: Kind,
+        id: &str,
+        body: Option<&str>,
+    ) -> Result<(), TargetError> {
+        self.send_as(method, &[endpoint(kind), id], &[], body, Want::Valid)
+            .await
+            .map(|_| ())
     }
 
     async fn send(
@@ -778,7 +770,8 @@ impl TargetClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
                 .body(b.to_owned());
         }
-        // Held for the exchange only: not for a backoff sleep, nor for reading the answer.
+        // Held for the exchange only (until the answer is read): not for a backoff sleep, nor
+        // for parsing the answer.
         let permit = self.in_flight.acquire().await;
         self.stats.count(method);
         let started = std::time::Instant::now();

@@ -60,6 +60,15 @@ impl Running {
     }
 }
 
+/// Waits until `sandbox` has no running full sync (`what`: the message if it never ends).
+async fn until_no_run(store: &scimsync::store::Store, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.running_run("sandbox").await.expect("query").is_some() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !f() {
@@ -80,12 +89,7 @@ async fn daemon_consumes_changes(db: Db) {
         env.sandbox.users().len() == 2 && env.sandbox.groups().len() == 1
     })
     .await;
-    let store = env.store.clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while store.running_run("sandbox").await.expect("query").is_some() {
-        assert!(Instant::now() < deadline, "run did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_no_run(&env.store, "run did not finish").await;
     env.sandbox.clear_requests();
 
     // One new user: one POST.
@@ -171,17 +175,7 @@ async fn health_readiness_and_metrics() {
             .expect("daemon");
     });
     until("alice", || env.remote_user("alice").is_some()).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .store
-        .running_run("sandbox")
-        .await
-        .expect("query")
-        .is_some()
-    {
-        assert!(Instant::now() < deadline, "run did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_no_run(&env.store, "run did not finish").await;
     let get = |path: &str| {
         let url = format!("{base}{path}");
         async move {
@@ -529,17 +523,7 @@ async fn first_start_joining_a_run_sends_what_its_worked_batches_missed(db: Db) 
         .work_job(&groups, "other", &scimsync::sync::NoProgress)
         .await
         .expect("batch");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .store
-        .running_run("sandbox")
-        .await
-        .expect("query")
-        .is_some()
-    {
-        assert!(Instant::now() < deadline, "the joined run did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_no_run(&env.store, "the joined run did not finish").await;
     // It joined that run rather than starting another.
     assert_eq!(runs(&env.store).await.len(), 1);
     d.stop().await;
@@ -564,17 +548,7 @@ async fn an_event_committed_after_a_newer_one_is_not_lost() {
     let url = env.db_url.clone();
     let d = start(&env, &url);
     until("the first full sync", || env.sandbox.users().len() == 2).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env
-        .store
-        .running_run("sandbox")
-        .await
-        .expect("query")
-        .is_some()
-    {
-        assert!(Instant::now() < deadline, "run did not finish");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_no_run(&env.store, "run did not finish").await;
 
     // A host transaction writes alice first (the lower event number) and stays open...
     use sqlx::Connection;
