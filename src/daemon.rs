@@ -372,11 +372,14 @@ async fn consume_round(
             // events are consumed from where that run's view of the directory begins, not from
             // the stream's end: a run already going may have worked a batch before a change
             // whose event is older than now. Not started (logged): the next round tries again.
-            let head = store.events_head().await?;
             let Some(run) = start_full_sync(s, target, "start", None).await else {
                 return Ok(false);
             };
-            let from = store.run_events_position(run).await?.unwrap_or(head);
+            let from = match store.run_events_position(run).await? {
+                Some(p) => p,
+                // A run from before positions were recorded: from now on, as before.
+                None => store.events_head().await?,
+            };
             store.set_cursor(target, from).await?;
             from
         }

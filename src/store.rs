@@ -633,7 +633,9 @@ macro_rules! events_horizon {
         "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
     };
 }
-const EVENTS_HORIZON_POSTGRES: &str = events_horizon!();
+// The events head as (tx, seq): see `Store::events_head`; a run records it when created.
+const EVENTS_HEAD_SQLITE: &str = "SELECT 0, COALESCE(MAX(seq), 0) FROM change_events";
+const EVENTS_HEAD_POSTGRES: &str = concat!("SELECT (", events_horizon!(), "), 0");
 const EVENTS_AFTER_POSTGRES: &str = concat!(
     "SELECT tx, seq, kind, object_id, created_at FROM change_events ",
     "WHERE (tx, seq) > ($1, $2) AND tx < (",
@@ -1887,21 +1889,9 @@ impl Store {
     /// there. SQLite: the last event (one writer at a time). PostgreSQL: the oldest
     /// transaction still running, which may yet commit events (see migration 0008).
     pub async fn events_head(&self) -> Result<EventPos, StoreError> {
-        match &*self.backend {
-            Backend::Sqlite(p) => {
-                let (seq,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM change_events")
-                    .fetch_one(p)
-                    .await?;
-                Ok(EventPos {
-                    tx: 0,
-                    seq: seq.unwrap_or(0),
-                })
-            }
-            Backend::Postgres(p) => {
-                let (tx,): (i64,) = sqlx::query_as(EVENTS_HORIZON_POSTGRES).fetch_one(p).await?;
-                Ok(EventPos { tx, seq: 0 })
-            }
-        }
+        let sql = self.per_backend(EVENTS_HEAD_SQLITE, EVENTS_HEAD_POSTGRES);
+        let (tx, seq): (i64, i64) = on_pool!(self, |p| sqlx::query_as(sql).fetch_one(p).await)?;
+        Ok(EventPos { tx, seq })
     }
 
     /// Whether the directory holds this object.
@@ -2046,7 +2036,6 @@ impl Store {
         Ok(())
     }
 
-    /// The full sync of `target` that is running, if any.
     /// Where the event stream stood when run `id` was created (None: a run created before
     /// migration 0008, or no such run).
     pub async fn run_events_position(&self, id: i64) -> Result<Option<EventPos>, StoreError> {
@@ -2062,6 +2051,7 @@ impl Store {
         })
     }
 
+    /// The full sync of `target` that is running, if any.
     pub async fn running_run(&self, target: &str) -> Result<Option<i64>, StoreError> {
         let row: Option<(i64,)> = on_pool!(self, |p| sqlx::query_as(
             "SELECT id FROM runs WHERE target = $1 AND status = 'running'"
@@ -2109,12 +2099,9 @@ impl Store {
         self.refresh_statistics().await?;
         let now = now_ms();
         let batch = batch_size.max(1) as usize;
-        // Where the event stream stands: every event before it has committed, so this run's
-        // batches, which read the directory after this transaction, see its change.
-        let events = match &*self.backend {
-            Backend::Sqlite(_) => "0, (SELECT COALESCE(MAX(seq), 0) FROM change_events)",
-            Backend::Postgres(_) => concat!("(", events_horizon!(), "), 0"),
-        };
+        // Where the event stream stands (its head): every event before it has committed, so
+        // this run's batches, which read the directory after this transaction, see its change.
+        let head = self.per_backend(EVENTS_HEAD_SQLITE, EVENTS_HEAD_POSTGRES);
         let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {
             let mut tx = pool.begin_with(self.write_begin()).await?;
             // The batches of runs that ended a while ago have served their summaries (their
@@ -2130,7 +2117,7 @@ impl Store {
             let (run_id,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO runs (target, trigger, dry_run, started_at, status, \
                  events_tx, events_seq) \
-                 VALUES ($1, $2, $3, $4, 'running', {events}) RETURNING id"
+                 SELECT $1, $2, $3, $4, 'running', h.* FROM ({head}) h RETURNING id"
             )))
             .bind(target)
             .bind(trigger)
