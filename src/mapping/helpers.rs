@@ -37,7 +37,7 @@ fn regex(pattern: &str) -> Res<regex::Regex> {
 
 /// Hex SHA-256 of a string: stable, opaque externalIds.
 pub fn sha256(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
+    crate::directory::hex_lower(&Sha256::digest(s.as_bytes()))
 }
 
 /// "Ada King Lovelace" → given "Ada King", family "Lovelace"; one word is a given name.

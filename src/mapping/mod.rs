@@ -162,6 +162,11 @@ impl LiveMappings {
             .clone()
     }
 
+    /// Whether `version` is the scripts' version in use (without copying it).
+    pub fn is_version(&self, version: &str) -> bool {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).1 == version
+    }
+
     /// Re-reads the folder. Ok(true) when changed scripts were compiled and are now in use;
     /// an error (reported once per broken edit) when they do not compile: the last good version
     /// stays in use.
@@ -238,6 +243,7 @@ fn sandboxed_engine(limits: Limits) -> Engine {
         None
     });
     engine.set_max_call_levels(32);
+    engine.set_max_strings_interned(0);
     engine.set_max_expr_depths(64, 32);
     engine.set_max_string_size(64 * 1024);
     engine.set_max_array_size(10_000);
@@ -387,9 +393,17 @@ impl Mappings {
         tgt.insert("name".into(), target.name.clone().into());
         tgt.insert("compatibility".into(), target.compatibility.clone().into());
         let tgt: Dynamic = tgt.into();
-        for script in scripts {
+        let mut object = object;
+        let last = scripts.len().saturating_sub(1);
+        for (i, script) in scripts.iter().enumerate() {
             let mut scope = Scope::new();
-            scope.push_constant(var, object.clone());
+            // The last script takes the object itself: a map's clone is a deep copy.
+            let this = if i == last {
+                std::mem::take(&mut object)
+            } else {
+                object.clone()
+            };
+            scope.push_constant(var, this);
             if let Some(m) = &members {
                 scope.push_constant("members", m.clone());
             }

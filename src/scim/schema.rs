@@ -255,7 +255,7 @@ pub fn validate(kind: Kind, doc: &Value) -> Result<(), Vec<std::string::String>>
                 continue;
             };
             if kind == Kind::User && k == ENTERPRISE_USER_SCHEMA {
-                check_members(k, ext, ENTERPRISE_USER, ':', &mut errs);
+                check_members(&At::Top(k), ext, ENTERPRISE_USER, ':', &mut errs);
             }
             // Other extensions are the target's own; its /Schemas can check them
             // (schema_check).
@@ -265,15 +265,33 @@ pub fn validate(kind: Kind, doc: &Value) -> Result<(), Vec<std::string::String>>
             Some(attr) if attr.read_only => {
                 errs.push(format!("{k}: read-only, set by the service provider"))
             }
-            Some(attr) => check_value(k, v, attr, &mut errs),
+            Some(attr) => check_value(&At::Top(k), v, attr, &mut errs),
             None => errs.push(format!("{k}: unknown attribute of {base}")),
         }
     }
     if errs.is_empty() { Ok(()) } else { Err(errs) }
 }
 
+/// Where a value sits in a resource, written out only into an error: most resources are
+/// valid, and formatting every attribute's path was a third of validating one.
+enum At<'a> {
+    Top(&'a str),
+    Member(&'a At<'a>, char, &'a str),
+    Item(&'a At<'a>, usize),
+}
+
+impl std::fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Top(k) => f.write_str(k),
+            At::Member(parent, sep, k) => write!(f, "{parent}{sep}{k}"),
+            At::Item(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
+}
+
 fn check_members(
-    path: &str,
+    path: &At<'_>,
     obj: &Map<std::string::String, Value>,
     attrs: &[Attr],
     sep: char,
@@ -285,7 +303,7 @@ fn check_members(
         }
     }
     for (k, v) in obj {
-        let p = format!("{path}{sep}{k}");
+        let p = At::Member(path, sep, k);
         match find(attrs, k) {
             Some(attr) if attr.read_only => {
                 errs.push(format!("{p}: read-only, set by the service provider"))
@@ -296,7 +314,7 @@ fn check_members(
     }
 }
 
-fn check_value(path: &str, v: &Value, attr: &Attr, errs: &mut Vec<std::string::String>) {
+fn check_value(path: &At<'_>, v: &Value, attr: &Attr, errs: &mut Vec<std::string::String>) {
     if attr.multi {
         let Some(items) = v.as_array() else {
             errs.push(format!("{path}: must be an array (multi-valued)"));
@@ -304,7 +322,7 @@ fn check_value(path: &str, v: &Value, attr: &Attr, errs: &mut Vec<std::string::S
         };
         let mut primaries = 0;
         for (i, item) in items.iter().enumerate() {
-            check_single(&format!("{path}[{i}]"), item, attr, errs);
+            check_single(&At::Item(path, i), item, attr, errs);
             if item.get("primary") == Some(&Value::Bool(true)) {
                 primaries += 1;
             }
@@ -323,7 +341,7 @@ fn check_value(path: &str, v: &Value, attr: &Attr, errs: &mut Vec<std::string::S
     }
 }
 
-fn check_single(path: &str, v: &Value, attr: &Attr, errs: &mut Vec<std::string::String>) {
+fn check_single(path: &At<'_>, v: &Value, attr: &Attr, errs: &mut Vec<std::string::String>) {
     let ok = match attr.ty {
         String | Reference => match v.as_str() {
             Some(s) if attr.required && s.trim().is_empty() => {
@@ -685,11 +703,11 @@ mod tests {
         ];
         for (ty, v, ok) in cases {
             let mut errs = Vec::new();
-            check_value("x", &v, &a("x", ty), &mut errs);
+            check_value(&At::Top("x"), &v, &a("x", ty), &mut errs);
             assert_eq!(errs.is_empty(), ok, "{ty:?} {v}: {errs:?}");
         }
         let mut errs = Vec::new();
-        check_value("tags", &json!([1, "a"]), &multi("tags", Integer), &mut errs);
+        check_value(&At::Top("tags"), &json!([1, "a"]), &multi("tags", Integer), &mut errs);
         assert_eq!(errs, vec!["tags[1]: must be an integer, found \"a\""]);
     }
 

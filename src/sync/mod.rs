@@ -235,6 +235,15 @@ pub struct Engine {
     health_recorded: std::sync::atomic::AtomicU8,
     /// The target's settings fingerprint, part of every source hash.
     settings: String,
+    /// See [`Engine::prefix`].
+    prefix: std::sync::Mutex<Option<Prefix>>,
+}
+
+/// The digest prefix of scripts and settings, for the scripts' version it was made from.
+struct Prefix {
+    version: String,
+    digest: sha2::Sha256,
+    fingerprint: String,
 }
 
 /// Per-object scratch: the trace and the requests a dry run would send.
@@ -273,10 +282,10 @@ fn unchanged_since_sent(status: &str, sent: bool, recorded: &RecordedSource, now
         && (recorded.key == Some(now.key.as_str()) || recorded.hash == Some(now.hash.as_str()))
 }
 
-/// The fingerprint of scripts and settings from their digest prefix (see `fingerprinted`).
+/// The fingerprint of scripts and settings from their digest prefix (see `Engine::prefix`).
 fn fingerprint_of(prefix: sha2::Sha256) -> String {
     use sha2::Digest;
-    hex::encode(&prefix.finalize()[..16])
+    crate::directory::hex_lower(&prefix.finalize()[..16])
 }
 
 /// What a state says its resource was made from.
@@ -361,7 +370,8 @@ impl Desired {
     }
 
     fn text(&self) -> &str {
-        self.text.get_or_init(|| self.value.to_string())
+        self.text
+            .get_or_init(|| crate::directory::json_text(&self.value))
     }
 }
 
@@ -443,6 +453,7 @@ impl Engine {
             warned: std::sync::Mutex::new(HashSet::new()),
             health_recorded: std::sync::atomic::AtomicU8::new(0),
             settings: cfg_fingerprint,
+            prefix: std::sync::Mutex::new(None),
         }
     }
 
@@ -1197,21 +1208,36 @@ impl Engine {
         self.report(kind, id, w, Action::Failed, error, None)
     }
 
-    /// The scripts' version and the target's settings, as a digest prefix.
-    fn fingerprinted(&self) -> sha2::Sha256 {
+    /// The scripts' version and the target's settings, as a digest prefix, and its
+    /// fingerprint: made once per scripts' version, not once per object.
+    fn prefix(&self) -> (sha2::Sha256, String) {
         use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        h.update(self.mappings.version().as_bytes());
-        h.update(b"|");
-        h.update(self.settings.as_bytes());
-        h.update(b"|");
-        h
+        let mut cached = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cached.as_ref()
+            && self.mappings.is_version(&p.version)
+        {
+            return (p.digest.clone(), p.fingerprint.clone());
+        }
+        let version = self.mappings.version();
+        let mut digest = sha2::Sha256::new();
+        digest.update(version.as_bytes());
+        digest.update(b"|");
+        digest.update(self.settings.as_bytes());
+        digest.update(b"|");
+        let fingerprint = fingerprint_of(digest.clone());
+        let made = (digest.clone(), fingerprint.clone());
+        *cached = Some(Prefix {
+            version,
+            digest,
+            fingerprint,
+        });
+        made
     }
 
     /// What every resource is made from besides its object: scripts and settings (the prefix
     /// of each [`Source::key`]).
     fn fingerprint(&self) -> String {
-        fingerprint_of(self.fingerprinted())
+        self.prefix().1
     }
 
     /// What a resource is made from: the directory object (as its fields serialize, fed
@@ -1219,13 +1245,13 @@ impl Engine {
     /// see [`GroupRev`]), the scripts' version and the target's settings.
     fn source(&self, object: &impl Serialize, rev: impl std::fmt::Display) -> Source {
         use sha2::Digest;
-        let mut h = self.fingerprinted();
-        let key = Source::key_of(&fingerprint_of(h.clone()), rev);
+        let (mut h, fingerprint) = self.prefix();
+        let key = Source::key_of(&fingerprint, rev);
         // Writing into a digest cannot fail; a serialization error would only make the hash
         // differ, which costs a mapping, never a skipped change.
         let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
         Source {
-            hash: hex::encode(h.finalize()),
+            hash: crate::directory::hex_lower(&h.finalize()),
             key,
         }
     }
@@ -2202,7 +2228,8 @@ impl Engine {
         let with_members;
         let body = match first {
             Some(_) => {
-                with_members = self.with_members(&desired.value, first).to_string();
+                with_members =
+                    crate::directory::json_text(&self.with_members(&desired.value, first));
                 &with_members
             }
             None => desired.text(),

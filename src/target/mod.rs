@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use crate::config::TargetConfig;
-use crate::directory::Kind;
+use crate::directory::{Kind, json_text};
 use crate::scim::{self, Capabilities, PatchOperation};
 
 pub mod auth;
@@ -501,7 +501,7 @@ impl TargetClient {
 
     /// POST; returns the created resource's id, which it must carry.
     pub async fn create(&self, kind: Kind, body: &Value) -> Result<String, TargetError> {
-        self.create_text(kind, &body.to_string()).await
+        self.create_text(kind, &json_text(body)).await
     }
 
     /// POST of a resource already written as JSON text (the engine writes it once, for the
@@ -533,7 +533,7 @@ impl TargetClient {
                 Method::POST,
                 &["Bulk"],
                 &[],
-                Some(&scim::bulk_body(ops).to_string()),
+                Some(&json_text(&scim::bulk_body(ops))),
             )
             .await?;
         Ok(a.body.as_ref().map(scim::bulk_answers).unwrap_or_default())
@@ -597,7 +597,7 @@ impl TargetClient {
     }
 
     pub async fn replace(&self, kind: Kind, id: &str, body: &Value) -> Result<(), TargetError> {
-        self.write(Method::PUT, kind, id, Some(&body.to_string()))
+        self.write(Method::PUT, kind, id, Some(&json_text(body)))
             .await
     }
 
@@ -611,7 +611,7 @@ impl TargetClient {
             Method::PATCH,
             kind,
             id,
-            Some(&scim::patch_body(ops).to_string()),
+            Some(&json_text(&scim::patch_body(ops))),
         )
         .await
     }
