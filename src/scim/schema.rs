@@ -273,7 +273,7 @@ pub fn validate(kind: Kind, doc: &Value) -> Result<(), Vec<std::string::String>>
 }
 
 /// Where a value sits in a resource, written out only into an error: most resources are
-/// valid, and formatting every attribute's path was a third of validating one.
+/// valid, and formatting every attribute's path was more than half of validating one.
 enum At<'a> {
     Top(&'a str),
     Member(&'a At<'a>, char, &'a str),
@@ -707,7 +707,12 @@ mod tests {
             assert_eq!(errs.is_empty(), ok, "{ty:?} {v}: {errs:?}");
         }
         let mut errs = Vec::new();
-        check_value(&At::Top("tags"), &json!([1, "a"]), &multi("tags", Integer), &mut errs);
+        check_value(
+            &At::Top("tags"),
+            &json!([1, "a"]),
+            &multi("tags", Integer),
+            &mut errs,
+        );
         assert_eq!(errs, vec!["tags[1]: must be an integer, found \"a\""]);
     }
 
