@@ -369,7 +369,7 @@ impl Mappings {
         &self,
         scripts: &[Script],
         var: &str,
-        object: Dynamic,
+        mut object: Dynamic,
         schema: &str,
         target: &TargetInfo,
         mut trace: Option<&mut Vec<(String, Value)>>,
@@ -393,7 +393,6 @@ impl Mappings {
         tgt.insert("name".into(), target.name.clone().into());
         tgt.insert("compatibility".into(), target.compatibility.clone().into());
         let tgt: Dynamic = tgt.into();
-        let mut object = object;
         let last = scripts.len().saturating_sub(1);
         for (i, script) in scripts.iter().enumerate() {
             let mut scope = Scope::new();

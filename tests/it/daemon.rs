@@ -9,7 +9,7 @@ use scimsync::config::{Config, DatabaseConfig, WorkerConfig};
 use scimsync::directory::sample;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Db, Env, TOKEN, call, calls, jsonl, postgres_url};
+use crate::harness::{Db, Env, TOKEN, call, calls, jsonl};
 use crate::on_both_databases;
 
 /// Never fires in a test's lifetime: January 1st at midnight.
@@ -257,9 +257,6 @@ async fn runs(store: &scimsync::store::Store) -> Vec<scimsync::store::RunRecord>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_a_full_sync_and_survive_kill_9() {
     let test = "two_daemons_share_a_full_sync_and_survive_kill_9";
-    if postgres_url(test).is_none() {
-        return;
-    }
     let Some(env) = Env::new(Db::Postgres, test).await else {
         return;
     };
@@ -327,9 +324,6 @@ async fn two_daemons_share_a_full_sync_and_survive_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_share_one_run_without_writing_twice_and_the_cron_fires_once() {
     let test = "two_daemons_share_one_run";
-    if postgres_url(test).is_none() {
-        return;
-    }
     let Some(env) = Env::new(Db::Postgres, test).await else {
         return;
     };
@@ -538,9 +532,6 @@ on_both_databases!(first_start_joining_a_run_sends_what_its_worked_batches_misse
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_committed_after_a_newer_one_is_not_lost() {
     let test = "event_committed_late";
-    if postgres_url(test).is_none() {
-        return;
-    }
     let Some(env) = Env::new(Db::Postgres, test).await else {
         return;
     };
