@@ -11,8 +11,12 @@
 //! requests, change → target latency p50/p99 through the daemon, the throughput against a
 //! target answering in 5 ms as a share of concurrency / latency (with how long a request held
 //! one of the concurrency's slots as scimsync saw it, and how busy the slots were kept while
-//! sending: what is lost in the exchange and what between requests), and the peak RSS from the
-//! first sync on (the sample directory's generation and import are not counted).
+//! sending: what is lost in the exchange and what between requests; and, for reference, the
+//! share a load generator that does nothing else reaches against the same sink), and the peak
+//! RSS from the first sync on (the sample directory's generation and import are not counted).
+//!
+//! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone), BENCH_SLOW_ONLY=1 (the
+//! 5 ms target alone), BENCH_DBS=sqlite, BENCH_WORKERS=n, BENCH_BULK=1.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -248,6 +252,112 @@ async fn engine_with(store: &Store, target: &TargetConfig, client: Arc<TargetCli
     .await
 }
 
+/// What a sync to a target answering in 5 ms achieved against concurrency / answer time.
+struct Slow {
+    per_second: f64,
+    /// Concurrency / measured answer time: what the configured concurrency allows.
+    bound: f64,
+    share: f64,
+    answer_ms: f64,
+    /// The share between the first request and the last answer (the run's start and end
+    /// left out).
+    sending_share: f64,
+    /// How long a request held a slot as scimsync saw it (request written → answer read).
+    held_ms: f64,
+    /// How busy the slots were kept while sending.
+    busy: f64,
+    /// The share a load generator that does nothing else reaches against the same sink, with
+    /// the same concurrency: what this machine and sink allow at all.
+    generator: f64,
+}
+
+impl Slow {
+    fn describe(&self) -> String {
+        format!(
+            "{:.0} req/s = {:.0}% of {:.0} ({:.2} ms answers; {:.0}% while sending; slots held {:.2} ms a request, busy {:.0}%; a load generator doing nothing else: {:.0}%)",
+            self.per_second,
+            self.share * 100.0,
+            self.bound,
+            self.answer_ms,
+            self.sending_share * 100.0,
+            self.held_ms,
+            self.busy * 100.0,
+            self.generator * 100.0
+        )
+    }
+}
+
+/// A target that answers in 5 ms: how close does the configured concurrency get to its bound
+/// (concurrency / latency)? A target name of its own, so everything is created again.
+async fn slow_target(
+    store: &Store,
+    target: &TargetConfig,
+    state: &Sink,
+    addr: std::net::SocketAddr,
+) -> Slow {
+    state.latency_ms.store(5, Ordering::Relaxed);
+    let mut slow = target.clone();
+    slow.name = "slow".into();
+    let client = Arc::new(TargetClient::new(&slow).expect("client"));
+    let engine = engine_with(store, &slow, client.clone()).await;
+    let (r, t) = (state.requests.load(Ordering::Relaxed), Instant::now());
+    let s = engine.full_sync(&NoProgress).await.expect("slow sync");
+    let wall = t.elapsed().as_secs_f64();
+    let requests = (state.requests.load(Ordering::Relaxed) - r) as f64;
+    assert_eq!(s.failed, 0);
+    let waited = state.waited_us.load(Ordering::Relaxed) as f64 / 1e6 / requests;
+    let bound = slow.concurrency as f64 / waited;
+    let sending = state
+        .window
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .map_or(wall, |(first, last)| (last - first).as_secs_f64());
+    let held = client.stats.held_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let generator = load_generator(state, addr, slow.concurrency).await;
+    state.latency_ms.store(0, Ordering::Relaxed);
+    Slow {
+        per_second: requests / wall,
+        bound,
+        share: requests / wall / bound,
+        answer_ms: waited * 1000.0,
+        sending_share: requests / sending / bound,
+        held_ms: held * 1e3 / requests,
+        busy: held / (slow.concurrency as f64 * sending),
+        generator,
+    }
+}
+
+/// POSTs 11,000 users to the sink, `concurrency` at once, with nothing else to do (one fixed
+/// body; each answer read and dropped): its share of concurrency / answer time.
+async fn load_generator(state: &Sink, addr: std::net::SocketAddr, concurrency: usize) -> f64 {
+    let before = state.waited_us.load(Ordering::Relaxed);
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/scim/v2/Users");
+    let each = 11_000 / concurrency;
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, url) = (client.clone(), url.clone());
+        set.spawn(async move {
+            for _ in 0..each {
+                let sent = client
+                    .post(&url)
+                    .header("content-type", "application/scim+json")
+                    .body(r#"{"schemas":["urn:ietf:params:scim:schemas:core:2.0:User"],"userName":"load"}"#)
+                    .send()
+                    .await
+                    .expect("load generator request");
+                let _ = sent.bytes().await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let wall = t.elapsed().as_secs_f64();
+    let requests = (each * concurrency) as f64;
+    let waited = (state.waited_us.load(Ordering::Relaxed) - before) as f64 / 1e6 / requests;
+    requests / wall / (concurrency as f64 / waited)
+}
+
 fn peak_rss_mb() -> f64 {
     status_mb("VmHWM")
 }
@@ -305,6 +415,15 @@ async fn bench(db: &str, n: usize) {
     reset_peak_rss();
     eprintln!("imported; syncing (RSS now {:.0} MB)", rss_mb());
 
+    if std::env::var_os("BENCH_SLOW_ONLY").is_some() {
+        // For working on the 5 ms target alone.
+        let slow = slow_target(&store, &target, &state, addr).await;
+        println!(
+            "| {db} | {n} + {groups} | 5 ms target: {} |",
+            slow.describe()
+        );
+        return;
+    }
     let engine = engine_for(&store, &target).await;
     let objects = (n + groups) as f64;
     let (r0, cpu0, t0) = (
@@ -409,36 +528,10 @@ async fn bench(db: &str, n: usize) {
     let bulk_requests = state.requests.load(Ordering::Relaxed) - rb;
     assert_eq!(sb.failed, 0);
 
-    // A target that answers in 5 ms: how close does the configured concurrency get to its
-    // bound (concurrency / latency)? A second target name, so everything is created again.
-    state.latency_ms.store(5, Ordering::Relaxed);
-    let mut slow = target.clone();
-    slow.name = "slow".into();
-    let slow_client = Arc::new(TargetClient::new(&slow).expect("client"));
-    let slow_engine = engine_with(&store, &slow, slow_client.clone()).await;
-    let (r2, t2) = (state.requests.load(Ordering::Relaxed), Instant::now());
-    let s3 = slow_engine.full_sync(&NoProgress).await.expect("slow sync");
-    let slow_wall = t2.elapsed().as_secs_f64();
-    let slow_requests = (state.requests.load(Ordering::Relaxed) - r2) as f64;
-    assert_eq!(s3.failed, 0);
-    let waited = state.waited_us.load(Ordering::Relaxed) as f64 / 1e6 / slow_requests;
-    let bound = slow.concurrency as f64 / waited;
-    state.latency_ms.store(0, Ordering::Relaxed);
-    // The same between the first request and the last answer: what the run's start (jobs,
-    // bounds) and end (deprovisioning, the run's record) cost is left out.
-    let sending = state
-        .window
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .map_or(slow_wall, |(first, last)| (last - first).as_secs_f64());
-    // How busy the configured concurrency was kept while sending: the time requests held a
-    // slot (request written → answer read, as scimsync sees it) over concurrency × window.
-    let held = slow_client.stats.held_micros.load(Ordering::Relaxed) as f64 / 1e6;
-    let busy = held / (slow.concurrency as f64 * sending);
-    let held_ms = held * 1e3 / slow_requests;
+    let slow = slow_target(&store, &target, &state, addr).await;
 
     println!(
-        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {bulk_wall:.2} s, {:.0}/s, {bulk_requests} req, {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {:.0} req/s = {:.0}% of {bound:.0} ({:.2} ms answers; {:.0}% while sending; slots held {held_ms:.2} ms a request, busy {:.0}%) | {:.0} MB |",
+        "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {bulk_wall:.2} s, {:.0}/s, {bulk_requests} req, {:.0} µs | {noop:.2} s / {noop_requests} ({} unchanged) | {:.0} / {:.0} ms | {} | {:.0} MB |",
         objects / wall,
         cpu / objects * 1e6,
         objects / bulk_wall,
@@ -446,11 +539,7 @@ async fn bench(db: &str, n: usize) {
         s2.unchanged,
         pct(0.5),
         pct(0.99),
-        slow_requests / slow_wall,
-        slow_requests / slow_wall / bound * 100.0,
-        waited * 1000.0,
-        slow_requests / sending / bound * 100.0,
-        busy * 100.0,
+        slow.describe(),
         peak_rss_mb()
     );
     store.close().await;

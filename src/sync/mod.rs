@@ -719,8 +719,12 @@ impl Engine {
 
     /// One batch of a run: a range of users, a range of groups, or the deprovisioning.
     async fn run_job(&self, job: &Job, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
-        let (part, requests, writes) =
-            crate::target::counting(self.run_job_phase(job, progress)).await;
+        let turn = self.client.next_turn();
+        let (part, requests, writes) = crate::target::in_turn(
+            turn,
+            crate::target::counting(self.run_job_phase(job, progress)),
+        )
+        .await;
         let mut part = part?;
         part.requests = requests;
         part.writes = writes;

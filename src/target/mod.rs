@@ -5,7 +5,7 @@
 //! returned to the engine as a typed error carrying status, scimType and detail.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::BackoffBuilder;
@@ -19,6 +19,7 @@ use crate::scim::{self, Capabilities, PatchOperation};
 
 pub mod auth;
 pub mod guard;
+mod io;
 pub mod profile;
 
 pub use profile::{Profile, UserRemoval};
@@ -120,6 +121,19 @@ pub async fn counting<F: std::future::Future>(f: F) -> (F::Output, u64, u64) {
         .await
 }
 
+tokio::task_local! {
+    /// The turn of the batch whose requests the future run through [`in_turn`] sends.
+    static TURN: priority_semaphore::Priority;
+}
+
+/// Sends the requests of `f` in the given turn (see [`TargetClient::next_turn`]).
+pub async fn in_turn<F: std::future::Future>(
+    turn: priority_semaphore::Priority,
+    f: F,
+) -> F::Output {
+    TURN.scope(turn, f).await
+}
+
 impl RequestStats {
     fn count(&self, m: &Method) {
         let write = u64::from(*m != Method::GET);
@@ -159,7 +173,8 @@ pub struct TargetClient {
     put_refused: [std::sync::atomic::AtomicBool; 2],
     schemas: OnceCell<Option<scim::schema::TargetSchemas>>,
     /// Requests in flight to this target, across every task of the process.
-    in_flight: tokio::sync::Semaphore,
+    in_flight: Arc<priority_semaphore::PrioritySemaphore>,
+    turns: AtomicU32,
     rate: guard::RateLimiter,
     breaker: guard::Breaker,
     pub stats: Arc<RequestStats>,
@@ -285,6 +300,18 @@ pub fn endpoint(kind: Kind) -> &'static str {
 }
 
 impl TargetClient {
+    /// A batch's turn at the target's concurrency: a freed slot goes to the oldest batch's
+    /// next request, so batches finish one after another and a finished batch's worker
+    /// records it and prepares the next while the others' requests keep the slots busy.
+    /// (Served in arrival order, batches started together all finished together, and the
+    /// slots emptied while every worker prepared its next.) Requests sent outside a batch
+    /// (a single change from the event stream, discovery) go before any batch's.
+    pub fn next_turn(&self) -> priority_semaphore::Priority {
+        let n = self.turns.fetch_add(1, Ordering::Relaxed) & 0x3FFF_FFFF;
+        // Older turns are larger; after 2^30 batches the order starts over (harmlessly).
+        i32::MAX - 1 - n as i32
+    }
+
     pub fn new(cfg: &TargetConfig) -> Result<TargetClient, TargetError> {
         let invalid = |message: String| TargetError::Invalid {
             target: cfg.name.clone(),
@@ -343,7 +370,10 @@ impl TargetClient {
             patch_refused: Default::default(),
             put_refused: Default::default(),
             schemas: OnceCell::new(),
-            in_flight: tokio::sync::Semaphore::new(cfg.concurrency.max(1)),
+            in_flight: Arc::new(priority_semaphore::PrioritySemaphore::new(
+                cfg.concurrency.max(1),
+            )),
+            turns: AtomicU32::new(0),
             rate: guard::RateLimiter::new(cfg.max_requests_per_second, cfg.burst),
             breaker: guard::Breaker::new(Duration::from_secs(cfg.breaker_cooldown.0.max(1))),
             stats: Arc::new(RequestStats::default()),
@@ -770,48 +800,67 @@ impl TargetClient {
                 .header(reqwest::header::CONTENT_TYPE, "application/scim+json")
                 .body(b.to_owned());
         }
-        // Held for the exchange only (until the answer is read): not for a backoff sleep, nor
-        // for parsing the answer.
-        let permit = self.in_flight.acquire().await;
         self.stats.count(method);
-        let started = std::time::Instant::now();
-        let sent = req.send().await;
-        metrics::histogram!(
-            "scimsync_request_duration_seconds",
-            "target" => self.name.clone(),
-            "method" => method.to_string(),
-        )
-        .record(started.elapsed().as_secs_f64());
-        let mut resp = sent.map_err(|e| Attempt::Transient(mk(describe_reqwest(&e)), None))?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(retry_after);
-        let mut bytes = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    if bytes.len() + c.len() > MAX_BODY {
-                        return Err(Attempt::Final(TargetError::Invalid {
-                            target: self.name.clone(),
-                            method: method.to_string(),
-                            path: path.to_string(),
-                            message: format!("response body exceeds {MAX_BODY} bytes"),
-                        }));
-                    }
-                    bytes.extend_from_slice(&c);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(Attempt::Transient(mk(describe_reqwest(&e)), None)),
-            }
-        }
-        drop(permit);
-        self.stats.held_micros.fetch_add(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
+        let request = req
+            .build()
+            .map_err(|e| Attempt::Transient(mk(describe_reqwest(&e)), None))?;
+        let (http, stats, in_flight) = (
+            self.http.clone(),
+            self.stats.clone(),
+            self.in_flight.clone(),
         );
+        let turn = TURN.try_with(|t| *t).unwrap_or(i32::MAX);
+        let (target, method_label) = (self.name.clone(), method.to_string());
+        let exchanged = io::exchange(async move {
+            // A slot of the target's concurrency, held for the exchange only (until the answer
+            // is read): not for a backoff sleep, nor for parsing the answer. Taken and given
+            // back on the I/O thread, so a freed slot's next request goes out at once.
+            let permit = in_flight.acquire(turn).await;
+            let started = std::time::Instant::now();
+            let sent = http.execute(request).await;
+            metrics::histogram!(
+                "scimsync_request_duration_seconds",
+                "target" => target,
+                "method" => method_label,
+            )
+            .record(started.elapsed().as_secs_f64());
+            let mut resp = sent.map_err(Failed::Network)?;
+            let status = resp.status();
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(retry_after);
+            let mut bytes = Vec::new();
+            while let Some(c) = resp.chunk().await.map_err(Failed::Network)? {
+                if bytes.len() + c.len() > MAX_BODY {
+                    return Err(Failed::TooLarge);
+                }
+                bytes.extend_from_slice(&c);
+            }
+            drop(permit);
+            stats.held_micros.fetch_add(
+                u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            Ok((status, retry_after, bytes))
+        })
+        .await;
+        let (status, retry_after, bytes) = match exchanged {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(Failed::Network(e))) => {
+                return Err(Attempt::Transient(mk(describe_reqwest(&e)), None));
+            }
+            Ok(Err(Failed::TooLarge)) => {
+                return Err(Attempt::Final(TargetError::Invalid {
+                    target: self.name.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    message: format!("response body exceeds {MAX_BODY} bytes"),
+                }));
+            }
+            Err(e) => return Err(Attempt::Transient(mk(e), None)),
+        };
         if status.is_success() {
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Answer {
@@ -879,6 +928,12 @@ impl TargetClient {
     }
 }
 
+/// How an exchange on the I/O thread failed.
+enum Failed {
+    Network(reqwest::Error),
+    TooLarge,
+}
+
 enum Attempt {
     Transient(TargetError, Option<Duration>),
     Final(TargetError),
@@ -911,6 +966,90 @@ fn snippet(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A target of concurrency 1 whose first request is held until released: what it was
+    /// asked afterwards shows which waiting request got the freed slot first.
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_oldest_batch_and_single_changes_first() {
+        use axum::extract::{Path, State};
+        #[derive(Default)]
+        struct Seen {
+            order: std::sync::Mutex<Vec<String>>,
+            release: tokio::sync::Notify,
+        }
+        async fn delete(
+            State(seen): State<Arc<Seen>>,
+            Path(id): Path<String>,
+        ) -> axum::http::StatusCode {
+            if id == "hold" {
+                seen.release.notified().await;
+            } else {
+                seen.order
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(id);
+            }
+            axum::http::StatusCode::NO_CONTENT
+        }
+        let seen = Arc::new(Seen::default());
+        let app = axum::Router::new()
+            .route("/scim/v2/Users/{id}", axum::routing::delete(delete))
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut cfg = crate::config::TargetConfig::new(
+            "ordered",
+            &format!("http://{addr}/scim/v2"),
+            Some("t".into()),
+        );
+        cfg.concurrency = 1;
+        let client = Arc::new(TargetClient::new(&cfg).expect("client"));
+
+        let hold = tokio::spawn({
+            let c = client.clone();
+            async move { c.delete(Kind::User, "hold").await }
+        });
+        let wait_queued = |n: usize| {
+            let c = client.clone();
+            async move {
+                while c.in_flight.queued() < n || c.in_flight.available_permits() > 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        let older = client.next_turn();
+        let newer = client.next_turn();
+        assert!(older > newer, "an older batch's turn comes first");
+        // Queued in the order: the newer batch's request, the older batch's, a single change.
+        let mut sent = Vec::new();
+        for (i, (turn, id)) in [
+            (Some(newer), "newer"),
+            (Some(older), "older"),
+            (None, "single"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = client.clone();
+            sent.push(tokio::spawn(async move {
+                match turn {
+                    Some(t) => in_turn(t, c.delete(Kind::User, id)).await,
+                    None => c.delete(Kind::User, id).await,
+                }
+            }));
+            wait_queued(i + 1).await;
+        }
+        seen.release.notify_one();
+        hold.await.expect("join").expect("held request");
+        for s in sent {
+            s.await.expect("join").expect("request");
+        }
+        let order = seen.order.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(order, ["single", "older", "newer"]);
+    }
 
     #[test]
     fn retry_after_in_seconds_or_as_a_date() {
