@@ -15,8 +15,9 @@
 //! share a load generator that does nothing else reaches against the same sink), and the peak
 //! RSS from the first sync on (the sample directory's generation and import are not counted).
 //!
-//! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone), BENCH_SLOW_ONLY=1 (the
-//! 5 ms target alone), BENCH_DBS=sqlite, BENCH_WORKERS=n, BENCH_BULK=1.
+//! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone, with its CPU per object
+//! split by thread), BENCH_SLOW_ONLY=1 (the 5 ms target alone), BENCH_DBS=sqlite,
+//! BENCH_WORKERS=n, BENCH_BULK=1.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -158,6 +159,27 @@ fn cpu_seconds() -> f64 {
         }
     }
     stat_cpu(std::path::Path::new("/proc/self/stat")) - sink
+}
+
+/// CPU seconds by kind of thread, of the threads alive now: the engine's (the main thread),
+/// the HTTP I/O thread's, SQLite's connection threads', the sink's and the rest.
+fn thread_cpu() -> std::collections::BTreeMap<&'static str, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let main = std::process::id().to_string();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let kind = match comm.trim() {
+                _ if t.file_name().to_str() == Some(main.as_str()) => "engine",
+                "sink" => "sink",
+                "scimsync-http" => "http",
+                c if c.starts_with("sqlx-sqlite") => "sqlite",
+                _ => "other",
+            };
+            *out.entry(kind).or_insert(0.0) += stat_cpu(&t.path().join("stat"));
+        }
+    }
+    out
 }
 
 unsafe extern "C" {
@@ -426,6 +448,7 @@ async fn bench(db: &str, n: usize) {
     }
     let engine = engine_for(&store, &target).await;
     let objects = (n + groups) as f64;
+    let threads0 = thread_cpu();
     let (r0, cpu0, t0) = (
         state.requests.load(Ordering::Relaxed),
         cpu_seconds(),
@@ -438,10 +461,19 @@ async fn bench(db: &str, n: usize) {
 
     if std::env::var_os("BENCH_FULL_ONLY").is_some() {
         // For profiling the first sync alone (perf record -D <ms after the import>).
+        // And where the CPU went, per object, by kind of thread (/proc ticks: 10 ms).
+        let per_thread: Vec<String> = thread_cpu()
+            .into_iter()
+            .map(|(kind, after)| {
+                let before = threads0.get(kind).copied().unwrap_or(0.0);
+                format!("{kind} {:.0} µs", (after - before) / objects * 1e6)
+            })
+            .collect();
         println!(
-            "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs |",
+            "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {} |",
             objects / wall,
-            cpu / objects * 1e6
+            cpu / objects * 1e6,
+            per_thread.join(", ")
         );
         return;
     }
