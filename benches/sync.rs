@@ -149,15 +149,7 @@ fn stat_cpu(path: &std::path::Path) -> f64 {
 /// CPU seconds of scimsync: the whole process minus the sink's own thread, so the figure is
 /// what the engine, its database driver and its HTTP client cost.
 fn cpu_seconds() -> f64 {
-    let mut sink = 0.0;
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for t in tasks.flatten() {
-            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-            if comm.trim() == "sink" {
-                sink += stat_cpu(&t.path().join("stat"));
-            }
-        }
-    }
+    let sink = thread_cpu().get("sink").copied().unwrap_or(0.0);
     stat_cpu(std::path::Path::new("/proc/self/stat")) - sink
 }
 
