@@ -16,6 +16,7 @@
 //! RSS from the first sync on (the sample directory's generation and import are not counted).
 //!
 //! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone, with its CPU per object
+//! split by thread), BENCH_NOOP_ONLY=1 (three no-op resyncs after the first sync, the last's CPU
 //! split by thread), BENCH_SLOW_ONLY=1 (the 5 ms target alone), BENCH_DBS=sqlite,
 //! BENCH_WORKERS=n, BENCH_BULK=1.
 
@@ -479,6 +480,30 @@ async fn bench(db: &str, n: usize) {
         peak_rss_mb()
     );
     let noop_requests = state.requests.load(Ordering::Relaxed) - r1;
+    if std::env::var_os("BENCH_NOOP_ONLY").is_some() {
+        // For working on the no-op resync alone: two more, each timed, with the CPU of the last
+        // split by kind of thread.
+        let mut times = vec![format!("{noop:.2}")];
+        let mut per_thread = Vec::new();
+        for _ in 0..2 {
+            let (threads0, t) = (thread_cpu(), Instant::now());
+            engine.full_sync(&NoProgress).await.expect("no-op sync");
+            times.push(format!("{:.2}", t.elapsed().as_secs_f64()));
+            per_thread = thread_cpu()
+                .into_iter()
+                .map(|(kind, after)| {
+                    let before = threads0.get(kind).copied().unwrap_or(0.0);
+                    format!("{kind} {:.0} ms", (after - before) * 1e3)
+                })
+                .collect();
+        }
+        println!(
+            "| {db} | {n} + {groups} | no-op resyncs {} s, {noop_requests} requests | {} |",
+            times.join(" / "),
+            per_thread.join(", ")
+        );
+        return;
+    }
 
     // Change → target latency through the daemon's event consumer.
     let cfg = Config {
