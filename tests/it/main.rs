@@ -14,3 +14,4 @@ mod revisions;
 mod sandbox;
 mod scenarios;
 mod targets;
+mod tls;
