@@ -175,6 +175,16 @@ fn thread_cpu() -> std::collections::BTreeMap<&'static str, f64> {
     out
 }
 
+/// CPU seconds by kind of thread since `before` (a [`thread_cpu`] reading).
+fn thread_cpu_since(
+    before: &std::collections::BTreeMap<&'static str, f64>,
+) -> Vec<(&'static str, f64)> {
+    thread_cpu()
+        .into_iter()
+        .map(|(kind, after)| (kind, after - before.get(kind).copied().unwrap_or(0.0)))
+        .collect()
+}
+
 unsafe extern "C" {
     /// glibc (SQLite's allocator): gives freed heap back to the system.
     fn malloc_trim(pad: usize) -> i32;
@@ -455,12 +465,9 @@ async fn bench(db: &str, n: usize) {
     if std::env::var_os("BENCH_FULL_ONLY").is_some() {
         // For profiling the first sync alone (perf record -D <ms after the import>).
         // And where the CPU went, per object, by kind of thread (/proc ticks: 10 ms).
-        let per_thread: Vec<String> = thread_cpu()
+        let per_thread: Vec<String> = thread_cpu_since(&threads0)
             .into_iter()
-            .map(|(kind, after)| {
-                let before = threads0.get(kind).copied().unwrap_or(0.0);
-                format!("{kind} {:.0} µs", (after - before) / objects * 1e6)
-            })
+            .map(|(kind, secs)| format!("{kind} {:.0} µs", secs / objects * 1e6))
             .collect();
         println!(
             "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {} |",
@@ -489,12 +496,9 @@ async fn bench(db: &str, n: usize) {
             let (threads0, t) = (thread_cpu(), Instant::now());
             engine.full_sync(&NoProgress).await.expect("no-op sync");
             times.push(format!("{:.2}", t.elapsed().as_secs_f64()));
-            per_thread = thread_cpu()
+            per_thread = thread_cpu_since(&threads0)
                 .into_iter()
-                .map(|(kind, after)| {
-                    let before = threads0.get(kind).copied().unwrap_or(0.0);
-                    format!("{kind} {:.0} ms", (after - before) * 1e3)
-                })
+                .map(|(kind, secs)| format!("{kind} {:.0} ms", secs * 1e3))
                 .collect();
         }
         println!(
