@@ -512,12 +512,17 @@ pub fn deep_merge(dst: &mut Value, src: Value) {
                     d.remove(&k);
                     continue;
                 }
-                match d.get_mut(&k) {
-                    Some(existing) if existing.is_object() && v.is_object() => {
-                        deep_merge(existing, v)
+                // One look-up a key: an existing key keeps its place either way.
+                match d.entry(k) {
+                    serde_json::map::Entry::Occupied(mut e) => {
+                        if e.get().is_object() && v.is_object() {
+                            deep_merge(e.get_mut(), v)
+                        } else {
+                            e.insert(v);
+                        }
                     }
-                    _ => {
-                        d.insert(k, v);
+                    serde_json::map::Entry::Vacant(e) => {
+                        e.insert(v);
                     }
                 }
             }
