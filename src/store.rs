@@ -381,8 +381,9 @@ struct UserScanRow {
 pub type StoredGroup = (Group, GroupRev, Vec<Member>, Option<SyncState>);
 
 /// What a group's key records besides the scripts and settings: its row's revision (which
-/// its memberships change too) and, on PostgreSQL, the target's member epoch its members'
-/// remote ids were read at (migration 0007). Written into keys as `rev` or `rev:epoch`.
+/// its memberships change too) and the target's member epoch its members' remote ids were
+/// read at (migrations: PostgreSQL 0007, SQLite 0010). Written into keys as `rev:epoch`
+/// (SQLite's keys recorded before 0010 are `rev` alone: compared, then rewritten).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupRev {
     pub rev: i64,
@@ -736,27 +737,40 @@ macro_rules! group_unchanged_base {
     };
 }
 
-// SQLite: whether group `g` with state `s` is unchanged since sent (see above).
-macro_rules! group_same_sqlite {
+// The key base of group `g`: "<fingerprint>:<revision>" ($5 "<fingerprint>:"); its current
+// key adds ":<member epoch>".
+macro_rules! group_key_base {
     () => {
-        concat!(
-            "COALESCE((",
-            group_unchanged_base!(),
-            " AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) AND s.members = (\
-             SELECT json_group_array(r.rid ORDER BY r.rid) FILTER (WHERE r.rid IS NOT NULL) \
-             FROM (SELECT DISTINCT ",
-            member_remote_id!(),
-            " AS rid FROM memberships m WHERE m.group_id = g.id) r)), FALSE)"
-        )
+        "(CAST($5 AS TEXT) || CAST(g.rev AS TEXT))"
     };
 }
 
+// SQLite's group scan, as PostgreSQL's below (member epochs since its migration 0010), without
+// LATERAL: the verdict in a subquery.
 const GROUP_SCAN_SQLITE: &str = concat!(
-    "SELECT g.id, ",
-    group_same_sqlite!(),
-    " AS same, NULL AS rekey FROM groups g",
+    "SELECT id, verdict IS NOT NULL AS same, NULLIF(verdict, '') AS rekey FROM (\
+     SELECT g.id, CASE WHEN NOT COALESCE(",
+    group_unchanged_base!(),
+    " AND (s.source_key = ",
+    group_key_base!(),
+    " OR substr(s.source_key, 1, length(",
+    group_key_base!(),
+    ") + 1) = ",
+    group_key_base!(),
+    " || ':'), FALSE) THEN NULL \
+     WHEN s.source_key = ",
+    group_key_base!(),
+    " || ':' || e.epoch THEN '' \
+     WHEN s.members = (SELECT json_group_array(r.rid ORDER BY r.rid) \
+     FILTER (WHERE r.rid IS NOT NULL) FROM (SELECT DISTINCT ",
+    member_remote_id!(),
+    " AS rid FROM memberships m WHERE m.group_id = g.id) r) THEN ",
+    group_key_base!(),
+    " || ':' || e.epoch END AS verdict FROM groups g",
     state_join!(sqlite, "group", "g"),
-    "WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3"
+    "CROSS JOIN (",
+    member_epoch!(),
+    ") e WHERE g.id > $2 AND ($4 IS NULL OR g.id <= $4) ORDER BY g.id LIMIT $3) ORDER BY id"
 );
 
 // PostgreSQL's keys for groups end in the target's member epoch (migration 0007): while a
@@ -852,30 +866,29 @@ macro_rules! settle_users {
 const SETTLE_USERS_SQLITE: &str = settle_users!("");
 const SETTLE_USERS_POSTGRES: &str = settle_users!(" FOR UPDATE SKIP LOCKED");
 
-const SETTLE_GROUPS_SQLITE: &str = settle_quiet!(
-    concat!(
-        "SELECT g.id, 0, CASE WHEN ",
-        group_same_sqlite!(),
-        " THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
-     ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id"
-    ),
-    ""
-);
-
-// PostgreSQL: quiet only with the current key (member epoch included); a group recorded at an
+// Groups: quiet only with the current key (member epoch included); a group recorded at an
 // older epoch is left to its batch, which compares its members and records the new key.
-const SETTLE_GROUPS_POSTGRES: &str = settle_quiet!(
-    concat!(
-        "SELECT g.id, 0, CASE WHEN COALESCE(",
-        group_unchanged_base!(),
-        " AND s.source_key = CAST($5 AS TEXT) || CAST(g.rev AS TEXT) || ':' || e.epoch, FALSE) \
-     THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
-     ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id CROSS JOIN (",
-        member_epoch!(),
-        ") e"
-    ),
-    " FOR UPDATE SKIP LOCKED"
-);
+macro_rules! settle_groups {
+    ($lock:literal) => {
+        settle_quiet!(
+            concat!(
+                "SELECT g.id, 0, CASE WHEN COALESCE(",
+                group_unchanged_base!(),
+                " AND s.source_key = ",
+                group_key_base!(),
+                " || ':' || e.epoch, FALSE) \
+                 THEN 0 ELSE 1 END, 0 FROM groups g LEFT JOIN sync_state s \
+                 ON s.target = $1 AND s.kind = 'group' AND s.local_id = g.id CROSS JOIN (",
+                member_epoch!(),
+                ") e"
+            ),
+            $lock
+        )
+    };
+}
+
+const SETTLE_GROUPS_SQLITE: &str = settle_groups!("");
+const SETTLE_GROUPS_POSTGRES: &str = settle_groups!(" FOR UPDATE SKIP LOCKED");
 
 const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, \
      s.resource_hash, s.last_resource, s.members, s.status, s.last_error, s.attempts, \
@@ -891,8 +904,9 @@ const GROUP_ONE: &str = "SELECT g.id, g.name, g.attributes, g.rev, s.remote_id, 
 const MEMBERS_RANGE_SQLITE: &str = concat!(
     "SELECT json_group_array(json_array(m.group_id, m.user_id, ",
     member_remote_id!(),
-    ") ORDER BY m.group_id, m.user_id), NULL \
-     FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
+    ") ORDER BY m.group_id, m.user_id), (",
+    member_epoch!(),
+    ") FROM memberships m WHERE m.group_id >= $2 AND m.group_id <= $3"
 );
 
 const MEMBERS_RANGE_POSTGRES: &str = concat!(

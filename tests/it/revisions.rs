@@ -203,26 +203,19 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
     )
     .await;
     let group_rev = rev(&env, "groups", "g-1").await;
-    if db == Db::Postgres {
-        // The member epoch moved (twice): the members are compared, found the same, and the
-        // scan hands back the key to record; a sync records it without sending anything.
-        let epoch = env
-            .host_i64("SELECT epoch FROM member_epochs WHERE target = 'sandbox'")
-            .await;
-        let key = format!("{fingerprint}:{group_rev}:{epoch}");
-        assert_eq!(
-            groups(fingerprint).await,
-            vec![("g-1".to_string(), true, Some(key.clone()))]
-        );
-        let (s, writes) = env.sync_writes().await;
-        assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
-        assert_eq!(group_key(&env).await, Some(key));
-    } else {
-        assert_eq!(
-            group_key(&env).await,
-            Some(format!("{fingerprint}:{group_rev}"))
-        );
-    }
+    // The member epoch moved (twice): the members are compared, found the same, and the
+    // scan hands back the key to record; a sync records it without sending anything.
+    let epoch = env
+        .host_i64("SELECT epoch FROM member_epochs WHERE target = 'sandbox'")
+        .await;
+    let key = format!("{fingerprint}:{group_rev}:{epoch}");
+    assert_eq!(
+        groups(fingerprint).await,
+        vec![("g-1".to_string(), true, Some(key.clone()))]
+    );
+    let (s, writes) = env.sync_writes().await;
+    assert_eq!((s.unchanged, writes.len()), (4, 0), "{s:?}");
+    assert_eq!(group_key(&env).await, Some(key));
     assert_eq!(
         groups(fingerprint).await,
         vec![("g-1".to_string(), true, None)]
@@ -239,11 +232,10 @@ async fn group_key(env: &Env) -> Option<String> {
         .source_key
 }
 
-/// PostgreSQL: a group's key records the target's member epoch, which every change of a
-/// user's remote id on the target moves (in its transaction), and nothing else does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn member_epoch_moves_with_remote_ids_only() {
-    let Some(env) = Env::new(Db::Postgres, "member_epoch_moves").await else {
+/// A group's key records the target's member epoch, which every change of a user's remote
+/// id on the target moves (in its transaction), and nothing else does.
+async fn member_epoch_moves_with_remote_ids_only(db: Db) {
+    let Some(env) = Env::new(db, "member_epoch_moves").await else {
         return;
     };
     env.import(USERS).await;
@@ -368,10 +360,9 @@ async fn quiet_batches_are_settled_at_the_phase_start(db: Db) {
     );
     assert_eq!(writes.len(), 3, "{:?}", calls(&writes));
     assert_eq!(settled_and_worked(&env, 0).await, (9, 3));
-    // PostgreSQL: the new user moved the member epoch, so every group's batch compares its
-    // members (and records the new key); SQLite compares members in the settling pass.
-    let groups = if db == Db::Postgres { (0, 3) } else { (1, 2) };
-    assert_eq!(settled_and_worked(&env, 1).await, groups);
+    // The new user moved the member epoch, so every group's batch compares its members (and
+    // records the new key).
+    assert_eq!(settled_and_worked(&env, 1).await, (0, 3));
     assert!(env.remote_user("late").is_some());
     assert!(env.remote_group("Renamed").is_some());
     // And then, with the new keys recorded, a no-op settles all but the first batches again.
@@ -386,4 +377,5 @@ on_both_databases!(
     host_writes_get_new_revisions_and_one_event_each,
     a_no_op_scan_reads_no_user_and_host_writes_are_seen,
     quiet_batches_are_settled_at_the_phase_start,
+    member_epoch_moves_with_remote_ids_only,
 );
