@@ -738,7 +738,7 @@ macro_rules! group_unchanged_base {
 }
 
 // The key base of group `g`: "<fingerprint>:<revision>" ($5 "<fingerprint>:"); its current
-// key adds ":<member epoch>".
+// key adds ":<member epoch>". Both databases' group scans and settling passes build on it.
 macro_rules! group_key_base {
     () => {
         "(CAST($5 AS TEXT) || CAST(g.rev AS TEXT))"
@@ -784,7 +784,9 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
     state_join!(postgres, "group", "g"),
     "CROSS JOIN (",
     member_epoch!(),
-    ") e CROSS JOIN LATERAL (SELECT CAST($5 AS TEXT) || CAST(g.rev AS TEXT) AS base) k \
+    ") e CROSS JOIN LATERAL (SELECT ",
+    group_key_base!(),
+    " AS base) k \
      CROSS JOIN LATERAL (SELECT k.base || ':' || e.epoch AS current) c \
      CROSS JOIN LATERAL (SELECT CASE WHEN NOT COALESCE(",
     group_unchanged_base!(),
