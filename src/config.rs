@@ -400,6 +400,11 @@ pub struct CapabilityOverrides {
     pub max_members_per_request: Option<usize>,
     /// Send `$ref` (the member's URI) with every group member.
     pub member_ref: Option<bool>,
+    /// Whether listing /Groups returns every group, so a batch creating groups may read them
+    /// all at once instead of looking each up (skipped when unset: settings fingerprints of
+    /// configs without it stay as they were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub list_groups: Option<bool>,
 }
 
 /// A duration in seconds, written as a number of seconds or as "90s", "15m", "1h", "1d".

@@ -18,6 +18,7 @@ use crate::mapping::{LiveMappings, MapOutcome, TargetInfo};
 use crate::scim::{self, PatchOperation};
 use crate::target::Profile;
 
+mod census;
 mod discover;
 mod ops;
 
@@ -237,6 +238,9 @@ pub struct Engine {
     settings: String,
     /// See [`Engine::prefix`].
     prefix: std::sync::Mutex<Option<Prefix>>,
+    /// The number of groups the target last reported in a census (u64::MAX: not read yet), so
+    /// batches skip a census that would cost more than it saves without asking again.
+    census_total: std::sync::atomic::AtomicU64,
 }
 
 /// The digest prefix of scripts and settings, for the scripts' version it was made from.
@@ -454,6 +458,7 @@ impl Engine {
             health_recorded: std::sync::atomic::AtomicU8::new(0),
             settings: cfg_fingerprint,
             prefix: std::sync::Mutex::new(None),
+            census_total: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
 
@@ -1529,7 +1534,9 @@ impl Engine {
     }
 
     /// Sends what a prepared object needs: a create, an update, or nothing.
-    async fn send(&self, p: Prepared) -> ObjectReport {
+    /// `census`: the target's groups, read for the batch (first creates of groups are looked
+    /// up there instead of one by one).
+    async fn send(&self, p: Prepared, census: Option<&census::Census>) -> ObjectReport {
         let Prepared {
             kind,
             id,
@@ -1576,6 +1583,7 @@ impl Engine {
                     &desired,
                     members.as_deref(),
                     s.last_resource.as_ref(),
+                    census,
                     &mut w,
                 )
                 .await
@@ -1644,10 +1652,10 @@ impl Engine {
     /// queue, and a future is as large as its largest path: the paths few objects take
     /// (lookups, adoption, write-ahead fallback, refused methods, re-creation) are boxed in
     /// `create`, `update` and `post`, which took it from 18 KB to 5 KB an object.
-    async fn finish(&self, step: Step) -> ObjectReport {
+    async fn finish(&self, step: Step, census: Option<&census::Census>) -> ObjectReport {
         match step {
             Step::Done(r) => r,
-            Step::Send(p) => self.send(p).await,
+            Step::Send(p) => self.send(p, census).await,
         }
     }
 
@@ -1665,18 +1673,45 @@ impl Engine {
     /// with the target's concurrency, their outcomes recorded in one transaction.
     async fn run_batch(&self, mut steps: Vec<Step>) -> Result<Vec<ObjectReport>, SyncError> {
         self.record_attempts(&mut steps).await?;
+        let census = self.take_census(&steps).await;
         let mut reports = Vec::with_capacity(steps.len());
         if self.bulk_enabled() {
             steps = self.send_bulk(steps, &mut reports).await;
         }
         let rest: Vec<ObjectReport> = futures::stream::iter(steps)
-            .map(|s| self.finish(s))
+            .map(|s| self.finish(s, census.as_ref()))
             .buffer_unordered(self.cfg.concurrency)
             .collect()
             .await;
         reports.extend(rest);
         self.record(&mut reports).await?;
         Ok(reports)
+    }
+
+    /// Reads the target's groups once for a batch that creates several (see `census`), when
+    /// that costs fewer requests than looking each up: a page per `page` groups against up to
+    /// two lookups a group.
+    async fn take_census(&self, steps: &[Step]) -> Option<census::Census> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let creates = steps
+            .iter()
+            .filter(|s| matches!(s, Step::Send(p) if p.kind == Kind::Group && p.w.attempt_recorded))
+            .count();
+        if creates < 2 || !self.eff.groups || !self.eff.list_groups {
+            return None;
+        }
+        let page = self.eff.filter_max_results.clamp(1, 1000) as usize;
+        let known = self.census_total.load(Relaxed);
+        if known != u64::MAX && known.div_ceil(page as u64) > creates as u64 {
+            return None;
+        }
+        let seen = |total| self.census_total.store(total, Relaxed);
+        census::read(&self.client, page, creates, seen)
+            .await
+            .inspect_err(|why| {
+                tracing::debug!(target = %self.cfg.name, "groups looked up one by one, no census: {why}")
+            })
+            .ok()
     }
 
     /// Whether a batch's creates and updates go in `/Bulk` requests.
@@ -1872,7 +1907,7 @@ impl Engine {
     async fn run_one(&self, mut step: Step) -> Result<ObjectReport, SyncError> {
         self.record_attempts(std::slice::from_mut(&mut step))
             .await?;
-        let mut report = self.finish(step).await;
+        let mut report = self.finish(step, None).await;
         self.record(std::slice::from_mut(&mut report)).await?;
         Ok(report)
     }
@@ -1908,6 +1943,7 @@ impl Engine {
         desired: &Desired,
         members: Option<&[String]>,
         attempted: Option<&Value>,
+        census: Option<&census::Census>,
         w: &mut Work,
     ) -> Result<(Action, String), Fail> {
         if self.opts.dry_run {
@@ -1932,11 +1968,15 @@ impl Engine {
                 .map_err(|e| e.to_string())?;
         }
         // Group names are rarely unique on the target, so a POST would not reveal a duplicate.
-        if kind == Kind::Group
-            && self.eff.filter
-            && let Some(remote) = Box::pin(self.lookup(kind, &desired.value, w)).await?
-        {
-            return Box::pin(self.adopt(kind, id, remote, desired, members, w)).await;
+        if kind == Kind::Group {
+            let found = match census.filter(|_| w.attempt_recorded) {
+                Some(census) => Box::pin(self.census_lookup(census, &desired.value, w)).await?,
+                None if self.eff.filter => Box::pin(self.lookup(kind, &desired.value, w)).await?,
+                None => None,
+            };
+            if let Some(remote) = found {
+                return Box::pin(self.adopt(kind, id, remote, desired, members, w)).await;
+            }
         }
         match self.post(kind, id, desired, members, w).await? {
             Ok(done) => Ok(done),
@@ -1978,6 +2018,32 @@ impl Engine {
             }
         }
         Ok(None)
+    }
+
+    /// Finds a group in its batch's census; a match is read again by id (the census keeps ids
+    /// and names only), and looked up as usual if it is gone or no longer matches.
+    async fn census_lookup(
+        &self,
+        census: &census::Census,
+        desired: &Value,
+        w: &mut Work,
+    ) -> Result<Option<Value>, Fail> {
+        let keys = scim::match_keys(Kind::Group, desired);
+        let n = census.len();
+        let Some((rid, key)) = census.find(&keys) else {
+            w.step(|| format!("lookup: none of the batch's census of {n} groups matches"));
+            return Ok(None);
+        };
+        w.step(|| {
+            format!(
+                "lookup: {rid} matches by {} in the batch's census of {n} groups; GET /Groups/{rid}",
+                key.0
+            )
+        });
+        match self.client.get(Kind::Group, rid).await.map_err(tfail)? {
+            Some(remote) if census::still_matches(&remote, key) => Ok(Some(remote)),
+            _ => self.lookup(Kind::Group, desired, w).await,
+        }
     }
 
     /// Without filtering, the only way to find an object is to page through them all.

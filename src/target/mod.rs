@@ -223,6 +223,8 @@ pub struct Effective {
     /// The target's bulk limits (0: not published).
     pub bulk_max_operations: u32,
     pub bulk_max_payload: u64,
+    /// Listing /Groups returns every group (see [`Profile::list_groups`]).
+    pub list_groups: bool,
 }
 
 impl Effective {
@@ -248,12 +250,13 @@ impl Effective {
             member_ref: o.member_ref.unwrap_or(false),
             bulk_max_operations: caps.bulk_max_operations,
             bulk_max_payload: caps.bulk_max_payload,
+            list_groups: o.list_groups.unwrap_or(profile.list_groups),
         }
     }
 
     pub fn describe(&self) -> String {
         format!(
-            "patch={} filter={} (maxResults {}) bulk={} put(users)={} put(groups)={} groups={} members/request={}",
+            "patch={} filter={} (maxResults {}) bulk={} put(users)={} put(groups)={} groups={} members/request={} list(groups)={}",
             self.patch,
             self.filter,
             self.filter_max_results,
@@ -261,9 +264,18 @@ impl Effective {
             self.put_users,
             self.put_groups,
             self.groups,
-            self.max_members_per_request
+            self.max_members_per_request,
+            self.list_groups
         )
     }
+}
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct ListPage {
+    pub resources: Vec<Value>,
+    /// `totalResults` as the target reported it (required by RFC 7644, not always sent).
+    pub total: Option<u64>,
 }
 
 /// Whether a `/ResourceTypes` answer offers Groups; None when it lists nothing usable.
@@ -597,6 +609,16 @@ impl TargetClient {
         start: usize,
         count: usize,
     ) -> Result<Vec<Value>, TargetError> {
+        Ok(self.list_page(kind, start, count).await?.resources)
+    }
+
+    /// One page of a listing (1-based `start`) with the total the target reports.
+    pub async fn list_page(
+        &self,
+        kind: Kind,
+        start: usize,
+        count: usize,
+    ) -> Result<ListPage, TargetError> {
         let ep = endpoint(kind);
         let (s, c) = (start.to_string(), count.to_string());
         let a = self
@@ -607,7 +629,13 @@ impl TargetClient {
                 None,
             )
             .await?;
-        self.resources(a.body, &format!("/{ep}"))
+        let mut body = a.body;
+        let total = body
+            .as_ref()
+            .and_then(|b| b.get("totalResults"))
+            .and_then(Value::as_u64);
+        let resources = self.resources(body.take(), &format!("/{ep}"))?;
+        Ok(ListPage { resources, total })
     }
 
     fn resources(&self, body: Option<Value>, path: &str) -> Result<Vec<Value>, TargetError> {
@@ -617,9 +645,10 @@ impl TargetClient {
             path: path.to_string(),
             message: message.to_string(),
         };
-        let body = body.ok_or_else(|| invalid("empty body where a ListResponse was expected"))?;
-        match body.get("Resources") {
-            Some(Value::Array(items)) => Ok(items.clone()),
+        let mut body =
+            body.ok_or_else(|| invalid("empty body where a ListResponse was expected"))?;
+        match body.get_mut("Resources").map(Value::take) {
+            Some(Value::Array(items)) => Ok(items),
             // RFC 7644 allows omitting Resources when there are none.
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(_) => Err(invalid("\"Resources\" is not an array")),

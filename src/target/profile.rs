@@ -38,6 +38,9 @@ pub struct Profile {
     pub require_user_names: bool,
     /// Every multi-valued attribute carries exactly one value (the primary one).
     pub single_valued: bool,
+    /// Listing /Groups pages through every group (startIndex and count, an exact
+    /// totalResults), so a batch creating groups may read them all instead of looking each up.
+    pub list_groups: bool,
 }
 
 impl Profile {
@@ -56,11 +59,13 @@ impl Profile {
             member_type: None,
             require_user_names: false,
             single_valued: false,
+            list_groups: true,
         };
         match mode {
             Compatibility::Default => default,
             Compatibility::Aws => Profile {
                 put_groups: false,
+                list_groups: false,
                 members_returned: false,
                 replace_members: false,
                 max_members_per_request: 100,
@@ -71,16 +76,19 @@ impl Profile {
             },
             Compatibility::Slack => Profile {
                 filter_works: true,
+                list_groups: false,
                 delete_deactivates: true,
                 ..default
             },
             Compatibility::Salesforce => Profile {
                 spc_path: "ServiceProviderConfigs",
+                list_groups: false,
                 user_removal: UserRemoval::Deactivate,
                 ..default
             },
             Compatibility::Webex => Profile {
                 member_type: Some("user"),
+                list_groups: false,
                 ..default
             },
         }
@@ -122,6 +130,9 @@ impl Profile {
         }
         if self.single_valued {
             parts.push("one value per multi-valued attribute".into());
+        }
+        if !self.list_groups {
+            parts.push("groups looked up one by one".into());
         }
         format!("{}: {}", self.mode, parts.join("; "))
     }

@@ -133,6 +133,10 @@ async fn scim2_server_full_sync_converges(db: Db) {
         &first.failures[..first.failures.len().min(5)]
     );
     assert_eq!((first.created, first.updated), (1050, 1), "{first:?}");
+    // The 50 new groups were looked up in one census of the server's groups (one listing), not
+    // one by one (two lookups each): 1,000 POSTs, zoe's POST, lookup and PATCH, 50 POSTs.
+    println!("first sync: {} requests", first.requests);
+    assert_eq!(first.requests, 1000 + 3 + 1 + 50, "{first:?}");
     let listed = server.get("/Users?count=1").await;
     assert_eq!(
         listed["totalResults"], 1001,

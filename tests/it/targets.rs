@@ -619,3 +619,148 @@ async fn token_file_and_bad_tls_settings() {
     assert!(err.contains("ca_file /nonexistent/ca.pem"), "{err}");
     env.finish().await;
 }
+
+fn listings(reqs: &[RecordedRequest]) -> usize {
+    count(reqs, "GET", "/Groups?startIndex=")
+}
+
+fn group_filters(reqs: &[RecordedRequest]) -> usize {
+    count(reqs, "GET", "/Groups?filter=")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_creating_groups_reads_the_targets_groups_once() {
+    let env = env_for(SandboxProfile::Default, Compatibility::Default, "census").await;
+    let group_schema = scimsync::scim::GROUP_SCHEMA;
+    let legacy = env
+        .sandbox
+        .insert(
+            "Groups",
+            json!({"schemas":[group_schema],"displayName":"Legacy","externalId":"g-2"}),
+        )
+        .expect("group with g-2's externalId");
+    let sales = env
+        .sandbox
+        .insert(
+            "Groups",
+            json!({"schemas":[group_schema],"displayName":"SALES"}),
+        )
+        .expect("Sales' namesake");
+    env.sandbox
+        .insert(
+            "Groups",
+            json!({"schemas":[group_schema],"displayName":"Unrelated","externalId":"elsewhere"}),
+        )
+        .expect("an unrelated group");
+    env.import(&users(3)).await;
+    for (id, name) in [
+        ("g-1", "Eng"),
+        ("g-2", "Ops"),
+        ("g-3", "Sales"),
+        ("g-4", "Support"),
+    ] {
+        env.import(&group(id, name, 0..2)).await;
+    }
+    env.sandbox.clear_requests();
+    let s = env.sync().await;
+    assert!(s.is_clean(), "{s:?}");
+    let reqs = env.sandbox.requests();
+    assert_eq!(listings(&reqs), 1, "one page holds every group: {reqs:?}");
+    assert_eq!(
+        group_filters(&reqs),
+        0,
+        "no group looked up one by one: {reqs:?}"
+    );
+    // Each match is read again by id before it is adopted.
+    assert_eq!(count(&reqs, "GET", &format!("/Groups/{legacy}")), 1);
+    assert_eq!(count(&reqs, "GET", &format!("/Groups/{sales}")), 1);
+    assert_eq!(
+        count(&reqs, "POST", "/Groups"),
+        2,
+        "Eng and Support created"
+    );
+    assert_eq!(
+        env.sandbox.groups().len(),
+        5,
+        "no duplicate: {:?}",
+        env.sandbox.groups()
+    );
+    assert_eq!(env.gid("Ops"), legacy, "adopted by externalId and renamed");
+    assert_eq!(env.gid("Sales"), sales, "adopted by displayName, any case");
+    let (again, writes) = env.sync_writes().await;
+    assert!(again.is_clean(), "{again:?}");
+    assert!(writes.is_empty(), "converged: {writes:?}");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_looked_up_one_by_one_when_a_census_would_cost_more() {
+    let mut env = env_for(SandboxProfile::Default, Compatibility::Default, "no_census").await;
+    // 450 groups take three pages of 200: more than a batch creating two groups saves.
+    for i in 0..450 {
+        env.sandbox
+            .insert(
+                "Groups",
+                json!({"schemas":[scimsync::scim::GROUP_SCHEMA],"displayName":format!("Remote {i}")}),
+            )
+            .expect("remote group");
+    }
+    env.import(&users(2)).await;
+    env.import(&group("g-1", "Remote 7", 0..2)).await;
+    env.import(&group("g-2", "Two", 0..2)).await;
+    let engine = env.engine(SyncOptions::default()).await;
+    env.sandbox.clear_requests();
+    let s = engine
+        .full_sync(&scimsync::sync::NoProgress)
+        .await
+        .expect("sync");
+    assert!(s.is_clean(), "{s:?}");
+    let reqs = env.sandbox.requests();
+    assert_eq!(
+        listings(&reqs),
+        1,
+        "the first page told the total: {reqs:?}"
+    );
+    assert_eq!(
+        group_filters(&reqs),
+        4,
+        "each by externalId, then by name: {reqs:?}"
+    );
+    assert_eq!(
+        env.sandbox.groups().len(),
+        451,
+        "Remote 7 adopted, Two created"
+    );
+    // The engine remembers the total: the next batch creating groups does not list again.
+    env.import(&group("g-3", "Three", 0..2)).await;
+    env.import(&group("g-4", "Four", 0..2)).await;
+    env.sandbox.clear_requests();
+    let s = engine
+        .full_sync(&scimsync::sync::NoProgress)
+        .await
+        .expect("sync");
+    assert!(s.is_clean(), "{s:?}");
+    let reqs = env.sandbox.requests();
+    assert_eq!(listings(&reqs), 0, "{reqs:?}");
+    assert_eq!(group_filters(&reqs), 4, "{reqs:?}");
+    // `list_groups = false` turns the census off whatever the groups cost.
+    env.target.capabilities.list_groups = Some(false);
+    env.import(&group("g-5", "Five", 0..2)).await;
+    env.import(&group("g-6", "Six", 0..2)).await;
+    // Few groups are left, so a census would be taken but for the setting.
+    for g in env.sandbox.groups() {
+        let name = g["displayName"].as_str().unwrap_or_default();
+        if name.starts_with("Remote ") && name != "Remote 7" {
+            assert!(
+                env.sandbox
+                    .remove("Groups", g["id"].as_str().unwrap_or_default())
+            );
+        }
+    }
+    env.sandbox.clear_requests();
+    assert!(env.sync().await.is_clean());
+    let reqs = env.sandbox.requests();
+    assert_eq!(listings(&reqs), 0, "{reqs:?}");
+    assert_eq!(group_filters(&reqs), 4, "{reqs:?}");
+    env.finish().await;
+}
