@@ -45,6 +45,9 @@ pub struct SandboxOptions {
     pub faults: Faults,
     /// `/Bulk` offered with (maxOperations, maxPayloadSize); None: not offered.
     pub bulk: Option<(u32, u64)>,
+    /// Listings without a filter return at most this many resources from their startIndex
+    /// and report as totalResults what they returned (a target that caps and miscounts).
+    pub list_cap: Option<usize>,
 }
 
 /// Faults injected into resource requests (discovery and tokens are spared), counted so tests
@@ -71,6 +74,7 @@ impl Default for SandboxOptions {
             token_lifetime: Duration::from_secs(3600),
             faults: Faults::default(),
             bulk: None,
+            list_cap: None,
         }
     }
 }
@@ -651,7 +655,8 @@ fn operation(
     match (method.clone(), segs) {
         (Method::GET, [r]) => {
             let r = res(r)?;
-            list(st, r, query).map(|v| (StatusCode::OK, Some(for_reading(rules, r, v))))
+            list(st, r, query, sh.opts.list_cap)
+                .map(|v| (StatusCode::OK, Some(for_reading(rules, r, v))))
         }
         (Method::POST, [r]) => create_in(st, rules, &sh.base_url, res(r)?, body()?)
             .map(|v| (StatusCode::CREATED, Some(v))),
@@ -831,7 +836,12 @@ fn invalid(detail: String) -> Failure {
     (StatusCode::BAD_REQUEST, Some("invalidValue"), detail)
 }
 
-fn list(st: &Store, r: Res, q: &HashMap<String, String>) -> Result<Value, Failure> {
+fn list(
+    st: &Store,
+    r: Res,
+    q: &HashMap<String, String>,
+    cap: Option<usize>,
+) -> Result<Value, Failure> {
     let f = match q.get("filter") {
         Some(s) => Some(
             filter::parse(s).map_err(|e| (StatusCode::BAD_REQUEST, Some("invalidFilter"), e))?,
@@ -848,7 +858,11 @@ fn list(st: &Store, r: Res, q: &HashMap<String, String>) -> Result<Value, Failur
         }
     };
     let start = num("startIndex", 1)?.max(1);
-    let count = num("count", 100)?.min(MAX_PAGE);
+    let mut count = num("count", 100)?.min(MAX_PAGE);
+    let miscount = cap.filter(|_| f.is_none());
+    if let Some(cap) = miscount {
+        count = count.min(cap);
+    }
     let hits: Vec<&Value> = st
         .map(r)
         .values()
@@ -860,9 +874,14 @@ fn list(st: &Store, r: Res, q: &HashMap<String, String>) -> Result<Value, Failur
         .take(count)
         .map(|v| (*v).clone())
         .collect();
+    let total = if miscount.is_some() {
+        page.len()
+    } else {
+        hits.len()
+    };
     Ok(json!({
         "schemas": [LIST_RESPONSE_SCHEMA],
-        "totalResults": hits.len(),
+        "totalResults": total,
         "startIndex": start,
         "itemsPerPage": page.len(),
         "Resources": page,

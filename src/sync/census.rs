@@ -5,8 +5,8 @@
 //! group. A batch creating many groups instead pages through /Groups once and looks them up
 //! in what it read, with the same identity rules (`scim::has_identity`). The census is used
 //! only when the listing proves complete: every page reports the same `totalResults`, every
-//! resource has an id, no id comes twice, and as many came as were announced. Otherwise the
-//! batch falls back to looking each group up, as before.
+//! resource has an id, no id comes twice, as many came as were announced, and a page past the
+//! announced end is empty. Otherwise the batch falls back to looking each group up, as before.
 
 use std::collections::{HashMap, HashSet};
 
@@ -95,7 +95,10 @@ pub(super) async fn read(
             "the target has {total} groups (more than {MAX_GROUPS})"
         ));
     }
-    if total.div_ceil(page.max(1) as u64) > max_pages as u64 {
+    // One more page past the announced end confirms it: a target that caps its listing and
+    // counts only what it returned shows more there (or, ignoring startIndex, ids again).
+    let confirm = u64::from(total > 0);
+    if total.div_ceil(page.max(1) as u64) + confirm > max_pages as u64 {
         return Err(format!(
             "{total} groups take more than {max_pages} pages of {page}"
         ));
@@ -121,9 +124,20 @@ pub(super) async fn read(
             return Err(format!("the listing holds more than its {total} groups"));
         }
         if census.len() as u64 == total {
+            if total == 0 {
+                return Ok(census);
+            }
+            let past = client
+                .list_page(Kind::Group, census.len() + 1, page)
+                .await
+                .map_err(|e| format!("listing /Groups failed: {e}"))?;
+            if !past.resources.is_empty() {
+                return Err(format!("groups are listed past the announced {total}"));
+            }
             return Ok(census);
         }
-        if pages >= max_pages {
+        // Room for the next page and the confirming one.
+        if pages + 1 >= max_pages {
             return Err(format!(
                 "{total} groups take more than {max_pages} pages of {page}"
             ));

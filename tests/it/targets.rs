@@ -665,7 +665,11 @@ async fn a_batch_creating_groups_reads_the_targets_groups_once() {
     let s = env.sync().await;
     assert!(s.is_clean(), "{s:?}");
     let reqs = env.sandbox.requests();
-    assert_eq!(listings(&reqs), 1, "one page holds every group: {reqs:?}");
+    assert_eq!(
+        listings(&reqs),
+        2,
+        "one page holds every group, one past the end confirms it: {reqs:?}"
+    );
     assert_eq!(
         group_filters(&reqs),
         0,
@@ -762,5 +766,49 @@ async fn groups_are_looked_up_one_by_one_when_a_census_would_cost_more() {
     let reqs = env.sandbox.requests();
     assert_eq!(listings(&reqs), 0, "{reqs:?}");
     assert_eq!(group_filters(&reqs), 4, "{reqs:?}");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_miscounts_is_not_trusted() {
+    // This target lists at most two groups and calls that the total.
+    let opts = SandboxOptions {
+        list_cap: Some(2),
+        ..SandboxOptions::with_token(TOKEN)
+    };
+    let env = Env::with_sandbox(Db::Sqlite, "census_miscount", opts)
+        .await
+        .expect("SQLite needs no set-up");
+    let mut remote = Vec::new();
+    for name in ["One", "Two", "Three"] {
+        let id = env
+            .sandbox
+            .insert(
+                "Groups",
+                json!({"schemas":[scimsync::scim::GROUP_SCHEMA],"displayName":name}),
+            )
+            .expect("remote group");
+        remote.push(id);
+    }
+    env.import(&users(2)).await;
+    for (id, name) in [("g-1", "Three"), ("g-2", "Four"), ("g-3", "Five")] {
+        env.import(&group(id, name, 0..2)).await;
+    }
+    env.sandbox.clear_requests();
+    let s = env.sync().await;
+    assert!(s.is_clean(), "{s:?}");
+    let reqs = env.sandbox.requests();
+    assert_eq!(
+        listings(&reqs),
+        2,
+        "the first page, then one past its end: {reqs:?}"
+    );
+    assert_eq!(group_filters(&reqs), 6, "then each looked up: {reqs:?}");
+    assert_eq!(
+        env.gid("Three"),
+        remote[2],
+        "adopted, though the listing hid it"
+    );
+    assert_eq!(env.sandbox.groups().len(), 5, "no duplicate");
     env.finish().await;
 }
