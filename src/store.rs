@@ -1556,6 +1556,52 @@ impl Store {
         Ok(n)
     }
 
+    /// Whether an orphan check of `kind` on `target` can be skipped: nothing left the
+    /// directory (no DELETE, TRUNCATE or changed id of that kind) since a check that found no
+    /// orphan, made within `max_age_ms`. Also the deletion counter as it is now, to record
+    /// with [`Store::record_orphan_check`] if the check is made and finds nothing.
+    pub async fn orphans_unchanged(
+        &self,
+        target: &str,
+        kind: Kind,
+        max_age_ms: i64,
+    ) -> Result<(bool, i64), StoreError> {
+        let (now, recorded): (i64, Option<i64>) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT COALESCE((SELECT d.n FROM directory_deletions d WHERE d.kind = $2), 0), \
+             (SELECT o.deletions FROM orphan_checks o \
+              WHERE o.target = $1 AND o.kind = $2 AND o.checked_at >= $3)"
+        )
+        .bind(target)
+        .bind(kind.as_str())
+        .bind(now_ms() - max_age_ms)
+        .fetch_one(p)
+        .await)?;
+        Ok((recorded == Some(now), now))
+    }
+
+    /// Records that an orphan check of `kind` on `target`, made when the deletion counter
+    /// stood at `deletions`, found nothing.
+    pub async fn record_orphan_check(
+        &self,
+        target: &str,
+        kind: Kind,
+        deletions: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self, |p| sqlx::query(
+            "INSERT INTO orphan_checks (target, kind, deletions, checked_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (target, kind) DO UPDATE SET \
+             deletions = excluded.deletions, checked_at = excluded.checked_at"
+        )
+        .bind(target)
+        .bind(kind.as_str())
+        .bind(deletions)
+        .bind(now_ms())
+        .execute(p)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
     /// State rows on `target` whose directory object no longer exists.
     pub async fn orphans(&self, target: &str, kind: Kind) -> Result<Vec<Orphan>, StoreError> {
         let sql = match kind {

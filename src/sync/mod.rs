@@ -22,6 +22,12 @@ mod census;
 mod discover;
 mod ops;
 
+/// A full sync looks for states whose directory object is gone (orphans) only when something
+/// left the directory since its last check that found none, or when that check is older than
+/// this: a backstop for a state written after the check for an object deleted before it (the
+/// event consumer deprovisions those on the deletion's event).
+pub const ORPHAN_CHECK_MAX_AGE_MS: i64 = 24 * 3600 * 1000;
+
 /// How long a claimed job stays claimed without renewal by default (renewed every third).
 pub const JOB_LEASE_MS: i64 = 30_000;
 
@@ -1102,7 +1108,20 @@ impl Engine {
     ) -> Result<(), SyncError> {
         let target = self.target().to_string();
         for &kind in self.kinds() {
-            for o in self.store.orphans(&target, kind).await? {
+            let (unchanged, deletions) = self
+                .store
+                .orphans_unchanged(&target, kind, ORPHAN_CHECK_MAX_AGE_MS)
+                .await?;
+            if unchanged {
+                continue;
+            }
+            let orphans = self.store.orphans(&target, kind).await?;
+            if orphans.is_empty() && !self.opts.dry_run {
+                self.store
+                    .record_orphan_check(&target, kind, deletions)
+                    .await?;
+            }
+            for o in orphans {
                 if o.state.remote_id.is_some() {
                     leaving.push((kind, o.local_id, o.state));
                 } else if !self.opts.dry_run {

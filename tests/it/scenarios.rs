@@ -528,6 +528,59 @@ async fn small_batches_cover_everything(db: Db) {
     env.finish().await;
 }
 
+/// The orphan check (states whose directory object is gone) runs only when something left the
+/// directory since its last check that found none, or when that check is a day old.
+async fn orphans_are_looked_for_after_deletions_only(db: Db) {
+    let Some(env) = provisioned(db, "orphans_after_deletions").await else {
+        return;
+    };
+    // A state no directory object has, made behind the directory's back: no deletion moved the
+    // counter, so the next full sync does not look for it.
+    env.host_exec(
+        "INSERT INTO sync_state (target, kind, local_id, remote_id, status, attempts, updated_at) \
+         VALUES ('sandbox', 'user', 'u-ghost', 'r-ghost', 'synced', 0, 0)",
+    )
+    .await;
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean(), "{s:?}");
+    assert!(writes.is_empty(), "the check was skipped: {writes:?}");
+    // A day later the check runs anyway and finds it (the sandbox answers 404: gone already).
+    env.host_exec("UPDATE orphan_checks SET checked_at = 0")
+        .await;
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean(), "{s:?}");
+    assert_eq!(calls(&writes), vec![call("DELETE", "/Users/r-ghost")]);
+    assert!(
+        env.store
+            .state("sandbox", Kind::User, "u-ghost")
+            .await
+            .expect("state")
+            .is_none()
+    );
+    // A host's own DELETE moves the counter: the next full sync deprovisions the user.
+    let carol = env.rid("carol");
+    env.host_exec("DELETE FROM users WHERE id = 'u-3'").await;
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean(), "{s:?}");
+    assert!(
+        calls(&writes).contains(&call("DELETE", &format!("/Users/{carol}"))),
+        "{writes:?}"
+    );
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean() && writes.is_empty(), "{s:?} {writes:?}");
+    if db == Db::Postgres {
+        // TRUNCATE deletes without a row trigger; its statement trigger moves the counter.
+        let alice = env.rid("alice");
+        env.host_exec("TRUNCATE users CASCADE").await;
+        let (_, writes) = env.sync_writes().await;
+        assert!(
+            calls(&writes).contains(&call("DELETE", &format!("/Users/{alice}"))),
+            "{writes:?}"
+        );
+    }
+    env.finish().await;
+}
+
 on_both_databases!(
     first_sync_creates_everything,
     second_sync_sends_no_write,
@@ -542,4 +595,5 @@ on_both_databases!(
     leaving_scope_deprovisions,
     deletion_guard_holds_mass_deletion,
     small_batches_cover_everything,
+    orphans_are_looked_for_after_deletions_only,
 );
