@@ -1083,6 +1083,9 @@ pub fn retry_delay_ms(attempts: i64, local_id: &str) -> i64 {
     base + (spread % (base as u64 / 10 + 1)) as i64
 }
 
+/// Deletion rows of a kind past which a reader folds them into one.
+const DELETION_ROWS_FOLDED_AT: i64 = 256;
+
 impl Store {
     /// Opens (creating a SQLite file on first use) and migrates the database.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
@@ -1558,7 +1561,7 @@ impl Store {
 
     /// Whether an orphan check of `kind` on `target` can be skipped: nothing left the
     /// directory (no DELETE, TRUNCATE or changed id of that kind) since a check that found no
-    /// orphan, made within `max_age_ms`. Also the deletion counter as it is now, to record
+    /// orphan, made within `max_age_ms`. Also the sum of deletions as it is now, to record
     /// with [`Store::record_orphan_check`] if the check is made and finds nothing.
     pub async fn orphans_unchanged(
         &self,
@@ -1566,17 +1569,64 @@ impl Store {
         kind: Kind,
         max_age_ms: i64,
     ) -> Result<(bool, i64), StoreError> {
-        let (now, recorded): (i64, Option<i64>) = on_pool!(self, |p| sqlx::query_as(
-            "SELECT COALESCE((SELECT d.n FROM directory_deletions d WHERE d.kind = $2), 0), \
+        let (now, rows, recorded): (i64, i64, Option<i64>) = on_pool!(self, |p| sqlx::query_as(
+            "SELECT CAST(COALESCE(SUM(d.n), 0) AS BIGINT), COUNT(*), \
              (SELECT o.deletions FROM orphan_checks o \
-              WHERE o.target = $1 AND o.kind = $2 AND o.checked_at >= $3)"
+              WHERE o.target = $1 AND o.kind = $2 AND o.checked_at >= $3) \
+             FROM directory_deletions d WHERE d.kind = $2"
         )
         .bind(target)
         .bind(kind.as_str())
         .bind(now_ms() - max_age_ms)
         .fetch_one(p)
         .await)?;
+        if rows > DELETION_ROWS_FOLDED_AT {
+            self.fold_deletions(kind).await?;
+        }
         Ok((recorded == Some(now), now))
+    }
+
+    /// Folds the deletion rows of `kind` into one, keeping their sum: rows are only added
+    /// (no lock for hosts' deletions to wait on), so a table that is never folded grows.
+    async fn fold_deletions(&self, kind: Kind) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
+        match &*self.backend {
+            // One statement: the rows summed are exactly the rows deleted, whatever commits
+            // meanwhile.
+            Backend::Postgres(p) => {
+                sqlx::query(
+                    "WITH gone AS (DELETE FROM directory_deletions WHERE kind = $1 RETURNING n) \
+                     INSERT INTO directory_deletions (kind, n) \
+                     SELECT $1, SUM(n) FROM gone HAVING COUNT(*) > 0",
+                )
+                .bind(kind.as_str())
+                .execute(p)
+                .await?;
+            }
+            // SQLite has no DELETE in a WITH; its writers take turns, and a transaction reads
+            // one snapshot, so the rows summed are the rows deleted.
+            Backend::Sqlite(p) => {
+                let mut tx = p.begin_with(self.write_begin()).await?;
+                let (sum,): (Option<i64>,) =
+                    sqlx::query_as("SELECT SUM(n) FROM directory_deletions WHERE kind = $1")
+                        .bind(kind.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                sqlx::query("DELETE FROM directory_deletions WHERE kind = $1")
+                    .bind(kind.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(sum) = sum {
+                    sqlx::query("INSERT INTO directory_deletions (kind, n) VALUES ($1, $2)")
+                        .bind(kind.as_str())
+                        .bind(sum)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
     }
 
     /// Records that an orphan check of `kind` on `target`, made when the deletion counter

@@ -534,30 +534,54 @@ async fn orphans_are_looked_for_after_deletions_only(db: Db) {
     let Some(env) = provisioned(db, "orphans_after_deletions").await else {
         return;
     };
-    // A state no directory object has, made behind the directory's back: no deletion moved the
-    // counter, so the next full sync does not look for it.
+    // States no directory object has, made behind the directory's back: without a deletion,
+    // the next full sync does not look for them.
+    let plant = |id: &'static str| {
+        format!(
+            "INSERT INTO sync_state (target, kind, local_id, remote_id, status, attempts, \
+             updated_at) VALUES ('sandbox', 'user', 'u-{id}', 'r-{id}', 'synced', 0, 0)"
+        )
+    };
+    env.host_exec(&plant("ghost")).await;
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean(), "{s:?}");
+    assert!(writes.is_empty(), "the check was skipped: {writes:?}");
+    // Many deletions (rows of the deletion log): the check runs and finds the planted state
+    // (the sandbox answers 404: gone already), and the log is folded into one row.
+    let sum = "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM directory_deletions \
+               WHERE kind = 'user'";
+    let before = env.host_i64(sum).await;
     env.host_exec(
-        "INSERT INTO sync_state (target, kind, local_id, remote_id, status, attempts, updated_at) \
-         VALUES ('sandbox', 'user', 'u-ghost', 'r-ghost', 'synced', 0, 0)",
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 300) \
+         INSERT INTO directory_deletions (kind, n) SELECT 'user', 1 FROM c",
     )
     .await;
     let (s, writes) = env.sync_writes().await;
     assert!(s.is_clean(), "{s:?}");
-    assert!(writes.is_empty(), "the check was skipped: {writes:?}");
-    // A day later the check runs anyway and finds it (the sandbox answers 404: gone already).
+    assert_eq!(calls(&writes), vec![call("DELETE", "/Users/r-ghost")]);
+    let rows = "SELECT COUNT(*) FROM directory_deletions WHERE kind = 'user'";
+    assert_eq!(env.host_i64(rows).await, 1, "folded");
+    assert_eq!(env.host_i64(sum).await, before + 300, "the sum is kept");
+    // The next check finds nothing and records the folded sum: skipped again after it.
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean() && writes.is_empty(), "{s:?} {writes:?}");
+    env.host_exec(&plant("ghost2")).await;
+    let (s, writes) = env.sync_writes().await;
+    assert!(s.is_clean() && writes.is_empty(), "{s:?} {writes:?}");
+    // A day later the check runs anyway.
     env.host_exec("UPDATE orphan_checks SET checked_at = 0")
         .await;
     let (s, writes) = env.sync_writes().await;
     assert!(s.is_clean(), "{s:?}");
-    assert_eq!(calls(&writes), vec![call("DELETE", "/Users/r-ghost")]);
+    assert_eq!(calls(&writes), vec![call("DELETE", "/Users/r-ghost2")]);
     assert!(
         env.store
-            .state("sandbox", Kind::User, "u-ghost")
+            .state("sandbox", Kind::User, "u-ghost2")
             .await
             .expect("state")
             .is_none()
     );
-    // A host's own DELETE moves the counter: the next full sync deprovisions the user.
+    // A host's own DELETE counts: the next full sync deprovisions the user.
     let carol = env.rid("carol");
     env.host_exec("DELETE FROM users WHERE id = 'u-3'").await;
     let (s, writes) = env.sync_writes().await;
@@ -569,7 +593,7 @@ async fn orphans_are_looked_for_after_deletions_only(db: Db) {
     let (s, writes) = env.sync_writes().await;
     assert!(s.is_clean() && writes.is_empty(), "{s:?} {writes:?}");
     if db == Db::Postgres {
-        // TRUNCATE deletes without a row trigger; its statement trigger moves the counter.
+        // TRUNCATE deletes without a row trigger; its statement trigger counts.
         let alice = env.rid("alice");
         env.host_exec("TRUNCATE users CASCADE").await;
         let (_, writes) = env.sync_writes().await;
