@@ -628,6 +628,28 @@ fn group_filters(reqs: &[RecordedRequest]) -> usize {
     count(reqs, "GET", "/Groups?filter=")
 }
 
+/// Imports these groups (two members each) and runs a clean full sync (with `engine`, to keep
+/// what it remembers, else a new one): the requests it sent.
+async fn sync_new_groups(
+    env: &Env,
+    engine: Option<&scimsync::sync::Engine>,
+    groups: &[(&str, &str)],
+) -> Vec<RecordedRequest> {
+    for (id, name) in groups {
+        env.import(&group(id, name, 0..2)).await;
+    }
+    env.sandbox.clear_requests();
+    let s = match engine {
+        Some(e) => e
+            .full_sync(&scimsync::sync::NoProgress)
+            .await
+            .expect("sync"),
+        None => env.sync().await,
+    };
+    assert!(s.is_clean(), "{s:?}");
+    env.sandbox.requests()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_creating_groups_reads_the_targets_groups_once() {
     let env = env_for(SandboxProfile::Default, Compatibility::Default, "census").await;
@@ -653,18 +675,13 @@ async fn a_batch_creating_groups_reads_the_targets_groups_once() {
         )
         .expect("an unrelated group");
     env.import(&users(3)).await;
-    for (id, name) in [
+    let new = [
         ("g-1", "Eng"),
         ("g-2", "Ops"),
         ("g-3", "Sales"),
         ("g-4", "Support"),
-    ] {
-        env.import(&group(id, name, 0..2)).await;
-    }
-    env.sandbox.clear_requests();
-    let s = env.sync().await;
-    assert!(s.is_clean(), "{s:?}");
-    let reqs = env.sandbox.requests();
+    ];
+    let reqs = sync_new_groups(&env, None, &new).await;
     assert_eq!(
         listings(&reqs),
         2,
@@ -710,16 +727,9 @@ async fn groups_are_looked_up_one_by_one_when_a_census_would_cost_more() {
             .expect("remote group");
     }
     env.import(&users(2)).await;
-    env.import(&group("g-1", "Remote 7", 0..2)).await;
-    env.import(&group("g-2", "Two", 0..2)).await;
     let engine = env.engine(SyncOptions::default()).await;
-    env.sandbox.clear_requests();
-    let s = engine
-        .full_sync(&scimsync::sync::NoProgress)
-        .await
-        .expect("sync");
-    assert!(s.is_clean(), "{s:?}");
-    let reqs = env.sandbox.requests();
+    let new = [("g-1", "Remote 7"), ("g-2", "Two")];
+    let reqs = sync_new_groups(&env, Some(&engine), &new).await;
     assert_eq!(
         listings(&reqs),
         1,
@@ -736,21 +746,12 @@ async fn groups_are_looked_up_one_by_one_when_a_census_would_cost_more() {
         "Remote 7 adopted, Two created"
     );
     // The engine remembers the total: the next batch creating groups does not list again.
-    env.import(&group("g-3", "Three", 0..2)).await;
-    env.import(&group("g-4", "Four", 0..2)).await;
-    env.sandbox.clear_requests();
-    let s = engine
-        .full_sync(&scimsync::sync::NoProgress)
-        .await
-        .expect("sync");
-    assert!(s.is_clean(), "{s:?}");
-    let reqs = env.sandbox.requests();
+    let new = [("g-3", "Three"), ("g-4", "Four")];
+    let reqs = sync_new_groups(&env, Some(&engine), &new).await;
     assert_eq!(listings(&reqs), 0, "{reqs:?}");
     assert_eq!(group_filters(&reqs), 4, "{reqs:?}");
     // `list_groups = false` turns the census off whatever the groups cost.
     env.target.capabilities.list_groups = Some(false);
-    env.import(&group("g-5", "Five", 0..2)).await;
-    env.import(&group("g-6", "Six", 0..2)).await;
     // Few groups are left, so a census would be taken but for the setting.
     for g in env.sandbox.groups() {
         let name = g["displayName"].as_str().unwrap_or_default();
@@ -761,9 +762,7 @@ async fn groups_are_looked_up_one_by_one_when_a_census_would_cost_more() {
             );
         }
     }
-    env.sandbox.clear_requests();
-    assert!(env.sync().await.is_clean());
-    let reqs = env.sandbox.requests();
+    let reqs = sync_new_groups(&env, None, &[("g-5", "Five"), ("g-6", "Six")]).await;
     assert_eq!(listings(&reqs), 0, "{reqs:?}");
     assert_eq!(group_filters(&reqs), 4, "{reqs:?}");
     env.finish().await;
@@ -791,13 +790,8 @@ async fn a_listing_that_miscounts_is_not_trusted() {
         remote.push(id);
     }
     env.import(&users(2)).await;
-    for (id, name) in [("g-1", "Three"), ("g-2", "Four"), ("g-3", "Five")] {
-        env.import(&group(id, name, 0..2)).await;
-    }
-    env.sandbox.clear_requests();
-    let s = env.sync().await;
-    assert!(s.is_clean(), "{s:?}");
-    let reqs = env.sandbox.requests();
+    let new = [("g-1", "Three"), ("g-2", "Four"), ("g-3", "Five")];
+    let reqs = sync_new_groups(&env, None, &new).await;
     assert_eq!(
         listings(&reqs),
         2,
