@@ -1603,10 +1603,10 @@ impl Store {
                 .execute(p)
                 .await?;
             }
-            // SQLite has no DELETE in a WITH; its writers take turns, and a transaction reads
-            // one snapshot, so the rows summed are the rows deleted.
+            // SQLite has no DELETE in a WITH. A transaction that takes the write lock first
+            // sees no other writer until it ends, so the rows summed are the rows deleted.
             Backend::Sqlite(p) => {
-                let mut tx = p.begin_with(self.write_begin()).await?;
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let (sum,): (Option<i64>,) =
                     sqlx::query_as("SELECT SUM(n) FROM directory_deletions WHERE kind = $1")
                         .bind(kind.as_str())
@@ -1629,7 +1629,7 @@ impl Store {
         Ok(())
     }
 
-    /// Records that an orphan check of `kind` on `target`, made when the deletion counter
+    /// Records that an orphan check of `kind` on `target`, made when the deletion log's sum
     /// stood at `deletions`, found nothing.
     pub async fn record_orphan_check(
         &self,

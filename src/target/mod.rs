@@ -629,12 +629,12 @@ impl TargetClient {
                 None,
             )
             .await?;
-        let mut body = a.body;
-        let total = body
+        let total = a
+            .body
             .as_ref()
             .and_then(|b| b.get("totalResults"))
             .and_then(Value::as_u64);
-        let resources = self.resources(body.take(), &format!("/{ep}"))?;
+        let resources = self.resources(a.body, &format!("/{ep}"))?;
         Ok(ListPage { resources, total })
     }
 
