@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use serde_json::Value;
 
 use crate::directory::Kind;
-use crate::scim;
 use crate::target::TargetClient;
 
 /// Groups a census reads at most (a few MB of ids and names); a target with more has its
@@ -70,9 +69,24 @@ impl Census {
     }
 }
 
-/// Whether `remote` (read again by id) still is the group the census matched.
-pub(super) fn still_matches(remote: &Value, key: &(&'static str, String)) -> bool {
-    scim::has_identity(remote, key.0, &key.1)
+/// Whether a census of `total` groups, `page` a page, fits in `max_pages` requests: its
+/// pages and, when there are groups, the one past the announced end that confirms it (a
+/// target that caps its listing and counts only what it returned shows more there, or,
+/// ignoring startIndex, ids again).
+pub(super) fn fits(total: u64, page: usize, max_pages: usize) -> bool {
+    total.div_ceil(page.max(1) as u64) + u64::from(total > 0) <= max_pages as u64
+}
+
+/// One page of /Groups from `start` (1-based).
+async fn page_at(
+    client: &TargetClient,
+    start: usize,
+    page: usize,
+) -> Result<crate::target::ListPage, String> {
+    client
+        .list_page(Kind::Group, start, page)
+        .await
+        .map_err(|e| format!("listing /Groups failed: {e}"))
 }
 
 /// Pages through /Groups, `page` at a time, reading at most `max_pages` pages. Err says why
@@ -84,10 +98,7 @@ pub(super) async fn read(
     max_pages: usize,
     total_seen: impl FnOnce(u64),
 ) -> Result<Census, String> {
-    let first = client
-        .list_page(Kind::Group, 1, page)
-        .await
-        .map_err(|e| format!("listing /Groups failed: {e}"))?;
+    let first = page_at(client, 1, page).await?;
     let total = first.total.ok_or("the listing has no totalResults")?;
     total_seen(total);
     if total > MAX_GROUPS {
@@ -95,10 +106,7 @@ pub(super) async fn read(
             "the target has {total} groups (more than {MAX_GROUPS})"
         ));
     }
-    // One more page past the announced end confirms it: a target that caps its listing and
-    // counts only what it returned shows more there (or, ignoring startIndex, ids again).
-    let confirm = u64::from(total > 0);
-    if total.div_ceil(page.max(1) as u64) + confirm > max_pages as u64 {
+    if !fits(total, page, max_pages) {
         return Err(format!(
             "{total} groups take more than {max_pages} pages of {page}"
         ));
@@ -127,10 +135,7 @@ pub(super) async fn read(
             if total == 0 {
                 return Ok(census);
             }
-            let past = client
-                .list_page(Kind::Group, census.len() + 1, page)
-                .await
-                .map_err(|e| format!("listing /Groups failed: {e}"))?;
+            let past = page_at(client, census.len() + 1, page).await?;
             if !past.resources.is_empty() {
                 return Err(format!("groups are listed past the announced {total}"));
             }
@@ -142,10 +147,7 @@ pub(super) async fn read(
                 "{total} groups take more than {max_pages} pages of {page}"
             ));
         }
-        let next = client
-            .list_page(Kind::Group, census.len() + 1, page)
-            .await
-            .map_err(|e| format!("listing /Groups failed: {e}"))?;
+        let next = page_at(client, census.len() + 1, page).await?;
         if next.total != Some(total) {
             return Err("the number of groups changed while they were listed".into());
         }
@@ -196,6 +198,17 @@ mod tests {
             c.find(&keys("G-1", "Nobody")).is_none(),
             "externalId is exact"
         );
+    }
+
+    #[test]
+    fn a_census_fits_with_its_confirming_page() {
+        assert!(
+            fits(0, 100, 1),
+            "an empty target: one page, nothing to confirm"
+        );
+        assert!(fits(100, 100, 2), "one full page and the one past it");
+        assert!(!fits(101, 100, 2));
+        assert!(!fits(450, 200, 3), "three pages and the confirming one");
     }
 
     #[test]

@@ -1719,9 +1719,9 @@ impl Engine {
         if creates < 2 || !self.eff.groups || !self.eff.list_groups {
             return None;
         }
-        let page = self.eff.filter_max_results.clamp(1, 1000) as usize;
+        let page = self.listing_page();
         let known = self.census_total.load(Relaxed);
-        if known != u64::MAX && known.div_ceil(page as u64) > creates as u64 {
+        if known != u64::MAX && !census::fits(known, page, creates) {
             return None;
         }
         let seen = |total| self.census_total.store(total, Relaxed);
@@ -2060,9 +2060,14 @@ impl Engine {
             )
         });
         match self.client.get(Kind::Group, rid).await.map_err(tfail)? {
-            Some(remote) if census::still_matches(&remote, key) => Ok(Some(remote)),
+            Some(remote) if scim::has_identity(&remote, key.0, &key.1) => Ok(Some(remote)),
             _ => self.lookup(Kind::Group, desired, w).await,
         }
+    }
+
+    /// Resources a listing asks for a page: what the target's filters return at most.
+    fn listing_page(&self) -> usize {
+        self.eff.filter_max_results.clamp(1, 1000) as usize
     }
 
     /// Without filtering, the only way to find an object is to page through them all.
@@ -2073,7 +2078,7 @@ impl Engine {
         w: &mut Work,
     ) -> Result<Option<Value>, Fail> {
         const MAX_PAGES: usize = 10_000;
-        let page = self.eff.filter_max_results.clamp(1, 1000) as usize;
+        let page = self.listing_page();
         w.step(|| {
             format!(
                 "lookup: the target cannot filter; paging through /{}",
