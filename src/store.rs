@@ -810,8 +810,8 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
 // stream, a running sum of bounds. A plain join with the states (PostgreSQL hashes it). The
 // ordering is the database's, as when the bounds were made (`start_run_with_jobs`).
 // Only jobs still pending and not being claimed are settled (PostgreSQL: locked first, skipping
-// any a claim holds, so the two never wait on each other); the phase's other jobs are claimed
-// and worked meanwhile as usual.
+// any a claim holds, so the two never wait on each other); other processes' workers claim and
+// work the phase's other jobs meanwhile as usual (this process's wait, see `Engine::settling`).
 // `$objects`: a select of (id, 0, changed, skipped) over every object of the phase: changed 1
 // when its batch has something to do for it, skipped 1 when it is out of scope with nothing
 // to take back (counted as skipped, as its batch would).

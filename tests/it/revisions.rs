@@ -319,8 +319,8 @@ async fn quiet_batches_are_settled_at_the_phase_start(db: Db) {
         57, 12, 9,
     )))
     .await;
-    // One worker: the first batch settles before any other is claimed (with more, the others
-    // claim batches meanwhile and work them as usual), so the counts below are exact.
+    // One worker: the first batch settles before any other is claimed (with more, those
+    // claimed before the settling pass began are worked), so the counts below are exact.
     let sync = || {
         env.sync_with(scimsync::sync::SyncOptions {
             batch_size: 5,
@@ -373,8 +373,50 @@ async fn quiet_batches_are_settled_at_the_phase_start(db: Db) {
     env.finish().await;
 }
 
+/// With several workers, those that are not settling wait for the settling pass instead of
+/// claiming the batches it is about to settle: in a no-op, at most one batch a worker is
+/// worked (those claimed before the pass began), the rest settled. (Without the wait,
+/// PostgreSQL's workers worked 5–10 of these 60 batches; SQLite's writers take turns anyway.)
+async fn workers_wait_for_the_settling_pass(db: Db) {
+    let Some(env) = Env::new(db, "workers_wait_for_settling").await else {
+        return;
+    };
+    env.import(&crate::harness::jsonl(&scimsync::directory::sample(
+        120, 10, 5,
+    )))
+    .await;
+    let sync = || {
+        env.sync_with(scimsync::sync::SyncOptions {
+            batch_size: 2,
+            workers: 4,
+            ..Default::default()
+        })
+    };
+    // Every 10th user a service account the target excludes.
+    let s = sync().await;
+    assert_eq!((s.created, s.skipped, s.failed), (108 + 10, 12, 0), "{s:?}");
+    for _ in 0..3 {
+        let s = sync().await;
+        assert_eq!((s.unchanged, s.skipped, s.writes), (118, 12, 0), "{s:?}");
+        let (settled, worked) = settled_and_worked(&env, 0).await;
+        assert_eq!(settled + worked, 60, "60 batches of users");
+        assert!(
+            worked <= 4,
+            "{worked} users' batches worked beside the settling pass"
+        );
+        let (settled, worked) = settled_and_worked(&env, 1).await;
+        assert_eq!(settled + worked, 5, "5 batches of groups");
+        assert!(
+            worked <= 4,
+            "{worked} groups' batches worked beside the settling pass"
+        );
+    }
+    env.finish().await;
+}
+
 on_both_databases!(
     host_writes_get_new_revisions_and_one_event_each,
+    workers_wait_for_the_settling_pass,
     a_no_op_scan_reads_no_user_and_host_writes_are_seen,
     quiet_batches_are_settled_at_the_phase_start,
     member_epoch_moves_with_remote_ids_only,
