@@ -605,7 +605,55 @@ async fn orphans_are_looked_for_after_deletions_only(db: Db) {
     env.finish().await;
 }
 
+/// A run that starts with no state of a kind on its target records an orphan check of that
+/// kind (none can exist), so its deprovisioning skips the check; a run over existing states
+/// records none.
+async fn a_first_sync_records_its_orphan_check_at_the_start(db: Db) {
+    let Some(env) = provisioned(db, "first_sync_orphan_check").await else {
+        return;
+    };
+    env.host_exec("DELETE FROM users WHERE id = 'u-3'").await;
+    let sum = env
+        .host_i64(
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM directory_deletions \
+             WHERE kind = 'user'",
+        )
+        .await;
+    assert!(sum > 0, "the deletion is in the log");
+    let day = 86_400_000;
+    // A target with no state: both kinds are recorded at the run's start.
+    env.store
+        .start_run_with_jobs("fresh", "test", 100)
+        .await
+        .expect("run");
+    for kind in [Kind::User, Kind::Group] {
+        let (unchanged, now) = env
+            .store
+            .orphans_unchanged("fresh", kind, day)
+            .await
+            .expect("orphans_unchanged");
+        assert!(unchanged, "{kind:?}: recorded at the start");
+        if kind == Kind::User {
+            assert_eq!(now, sum);
+        }
+    }
+    // The provisioned target has states, and a user has left since its last check: its next
+    // run records nothing at the start, so its deprovisioning looks.
+    env.store
+        .start_run_with_jobs("sandbox", "test", 100)
+        .await
+        .expect("run");
+    let (unchanged, _) = env
+        .store
+        .orphans_unchanged("sandbox", Kind::User, day)
+        .await
+        .expect("orphans_unchanged");
+    assert!(!unchanged, "nothing recorded for a target with states");
+    env.finish().await;
+}
+
 on_both_databases!(
+    a_first_sync_records_its_orphan_check_at_the_start,
     first_sync_creates_everything,
     second_sync_sends_no_write,
     rename_is_one_update,
