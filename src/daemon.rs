@@ -234,7 +234,23 @@ async fn work_jobs(s: Arc<Shared>, n: usize) {
             i64::try_from(s.cfg.worker.job_lease.0.saturating_mul(1000)).unwrap_or(i64::MAX)
         });
     while !s.cancel.is_cancelled() {
-        let job = match s.store.claim_job(&holder, lease, None).await {
+        // This process's claim turn of every target (in the map's one order, so workers never
+        // wait on each other crosswise): not while one of them settles its quiet batches, as
+        // the job claimed could be one that pass is about to settle (see `Engine::claim_turn`).
+        let mut turns = Vec::with_capacity(s.engines.len());
+        for (name, engine) in &s.engines {
+            turns.push((name, engine.claim_turn().await));
+        }
+        let claimed = s.store.claim_job(&holder, lease, None).await;
+        // A job that opens a phase keeps its target's turn until its settling pass is done.
+        let turn = match &claimed {
+            Ok(Some(job)) if Engine::opens_phase(job) => turns
+                .into_iter()
+                .find(|(name, _)| **name == job.target)
+                .map(|(_, turn)| turn),
+            _ => None,
+        };
+        let job = match claimed {
             Ok(Some(j)) => j,
             Ok(None) => {
                 tokio::select! {
@@ -257,7 +273,7 @@ async fn work_jobs(s: Arc<Shared>, n: usize) {
             continue;
         };
         tracing::debug!(target = %job.target, job = job.id, phase = job.phase, "job claimed");
-        let work = engine.work_job(&job, &holder, &NoProgress);
+        let work = engine.work_job(&job, &holder, &NoProgress, turn);
         tokio::pin!(work);
         let result = tokio::select! {
             r = &mut work => r,

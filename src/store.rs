@@ -811,7 +811,7 @@ const GROUP_SCAN_POSTGRES: &str = concat!(
 // ordering is the database's, as when the bounds were made (`start_run_with_jobs`).
 // Only jobs still pending and not being claimed are settled (PostgreSQL: locked first, skipping
 // any a claim holds, so the two never wait on each other); other processes' workers claim and
-// work the phase's other jobs meanwhile as usual (this process's wait, see `Engine::settling`).
+// work the phase's other jobs meanwhile as usual (this process's own workers wait, see `Engine::claim_turn`).
 // `$objects`: a select of (id, 0, changed, skipped) over every object of the phase: changed 1
 // when its batch has something to do for it, skipped 1 when it is out of scope with nothing
 // to take back (counted as skipped, as its batch would).

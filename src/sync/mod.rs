@@ -247,11 +247,17 @@ pub struct Engine {
     /// The number of groups the target last reported in a census (u64::MAX: not read yet), so
     /// batches skip a census that would cost more than it saves without asking again.
     census_total: std::sync::atomic::AtomicU64,
-    /// Held (written) while a phase's quiet batches are settled; this process's workers take
-    /// it (read) to claim their next job, so they wait for the settling pass instead of
-    /// scanning, one batch at a time, batches it is about to settle in one pass (on
-    /// PostgreSQL they claimed a third of a 100k no-op's batches meanwhile, slowing it).
-    settling: tokio::sync::RwLock<()>,
+    /// This process's turn to claim a job: held while claiming, and by the worker that
+    /// claimed a phase's first batch until that batch has settled the phase's quiet batches,
+    /// so the other workers wait for the settling pass instead of scanning, one batch at a
+    /// time, batches it is about to settle in one pass (on PostgreSQL they claimed a third of
+    /// a 100k no-op's batches meanwhile, slowing it).
+    claims: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A process's turn to claim a job of a target (see [`Engine::claim_turn`]).
+pub struct ClaimTurn {
+    _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// The digest prefix of scripts and settings, for the scripts' version it was made from.
@@ -470,7 +476,7 @@ impl Engine {
             settings: cfg_fingerprint,
             prefix: std::sync::Mutex::new(None),
             census_total: std::sync::atomic::AtomicU64::new(u64::MAX),
-            settling: tokio::sync::RwLock::new(()),
+            claims: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -578,6 +584,21 @@ impl Engine {
         self.run_summary(run_id).await
     }
 
+    /// This process's turn to claim a job of this engine's target (see `claims`): to hold
+    /// while claiming, then to pass to [`Engine::work_job`] with the job when it
+    /// [opens a phase](Engine::opens_phase), so no other claim comes before its settling pass.
+    pub async fn claim_turn(&self) -> ClaimTurn {
+        ClaimTurn {
+            _held: self.claims.clone().lock_owned().await,
+        }
+    }
+
+    /// Whether `job` is its phase's first batch of users or groups, the one that settles the
+    /// phase's quiet batches.
+    pub fn opens_phase(job: &Job) -> bool {
+        job.after_id.is_empty() && job.phase < 2
+    }
+
     /// One of this process's workers on a run: claims and works its jobs until none is left.
     /// A job's result is recorded in the same transaction that claims the next one.
     async fn work_run(
@@ -593,13 +614,18 @@ impl Engine {
         // for the next phase's first job or one whose lease expired.
         let mut next = None;
         loop {
-            let claimed = match next.take() {
-                Some(job) => Some(job),
+            let (claimed, turn) = match next.take() {
+                Some(claimed) => claimed,
                 None => {
-                    let _gate = self.settling.read().await;
-                    self.store.claim_job(holder, lease, Some(run_id)).await?
+                    let turn = self.claim_turn().await;
+                    let job = self.store.claim_job(holder, lease, Some(run_id)).await?;
+                    (job, turn)
                 }
             };
+            let turn = claimed
+                .as_ref()
+                .filter(|j| Self::opens_phase(j))
+                .map(|_| turn);
             let Some(job) = claimed else {
                 if !self.store.run_has_open_jobs(run_id).await? {
                     return Ok(());
@@ -631,20 +657,19 @@ impl Engine {
                 progress.phase(self.target(), name, total);
             }
             let worked = async {
-                let result = self.run_leased(&job, holder, progress).await?;
-                let gate = self.settling.read().await;
+                let result = self.run_leased(&job, holder, progress, turn).await?;
+                let turn = self.claim_turn().await;
                 let (recorded, claimed) = self
                     .store
                     .finish_and_claim(&job, holder, &result, lease)
                     .await?;
-                drop(gate);
                 if !recorded {
                     self.taken_over(&job);
                 }
                 if claimed.is_none() {
                     self.close_if_complete(job.run_id).await?;
                 }
-                Ok::<_, SyncError>(claimed)
+                Ok::<_, SyncError>(Some((claimed, turn)))
             }
             .await;
             finished.notify_waiters();
@@ -669,13 +694,16 @@ impl Engine {
     }
 
     /// Runs one claimed job, keeping its lease alive, and closes the run after its last job.
+    /// `turn`: the claim turn the job was claimed in, when it opens a phase (see
+    /// [`Engine::claim_turn`]); released once its settling pass is done.
     pub async fn work_job(
         &self,
         job: &Job,
         holder: &str,
         progress: &dyn Progress,
+        turn: Option<ClaimTurn>,
     ) -> Result<(), SyncError> {
-        let result = self.run_leased(job, holder, progress).await?;
+        let result = self.run_leased(job, holder, progress, turn).await?;
         if !self.store.finish_job(job.id, holder, &result).await? {
             self.taken_over(job);
             return Ok(());
@@ -690,6 +718,7 @@ impl Engine {
         job: &Job,
         holder: &str,
         progress: &dyn Progress,
+        turn: Option<ClaimTurn>,
     ) -> Result<Value, SyncError> {
         let lease = self.opts.job_lease_ms;
         let renew = {
@@ -705,7 +734,7 @@ impl Engine {
                 }
             })
         };
-        let result = self.run_job(job, progress).await;
+        let result = self.run_job(job, progress, turn).await;
         renew.abort();
         Ok(serde_json::to_value(&result?).unwrap_or(Value::Null))
     }
@@ -740,11 +769,16 @@ impl Engine {
     }
 
     /// One batch of a run: a range of users, a range of groups, or the deprovisioning.
-    async fn run_job(&self, job: &Job, progress: &dyn Progress) -> Result<RunSummary, SyncError> {
+    async fn run_job(
+        &self,
+        job: &Job,
+        progress: &dyn Progress,
+        claim: Option<ClaimTurn>,
+    ) -> Result<RunSummary, SyncError> {
         let turn = self.client.next_turn();
         let (part, requests, writes) = crate::target::in_turn(
             turn,
-            crate::target::counting(self.run_job_phase(job, progress)),
+            crate::target::counting(self.run_job_phase(job, progress, claim)),
         )
         .await;
         let mut part = part?;
@@ -757,6 +791,7 @@ impl Engine {
         &self,
         job: &Job,
         progress: &dyn Progress,
+        claim: Option<ClaimTurn>,
     ) -> Result<RunSummary, SyncError> {
         let mut part = RunSummary {
             target: self.target().to_string(),
@@ -765,19 +800,19 @@ impl Engine {
         };
         let mut leaving = Leaving::Store;
         let until = job.until_id.as_deref();
-        // The job of the users' or the groups' first range settles its phase's quiet batches.
-        if job.after_id.is_empty() && job.phase < 2 {
+        // The job of the users' or the groups' first range settles its phase's quiet batches,
+        // in the claim turn it was claimed in (if any): no other claim comes first.
+        if Self::opens_phase(job) {
             self.refresh_mappings();
             let fingerprint = self.fingerprint();
             if let Some(check) = self.quiet_check(job, &fingerprint) {
-                let gate = self.settling.write().await;
                 let settled = self.store.settle_quiet_jobs(job, check).await?;
-                drop(gate);
                 self.count_objects(check.kind, Action::Unchanged, settled.unchanged);
                 self.count_objects(check.kind, Action::Skipped, settled.skipped);
                 progress.advance(settled.unchanged + settled.skipped);
             }
         }
+        drop(claim);
         match job.phase {
             0 => {
                 self.users_range(&job.after_id, until, &mut part, &mut leaving, progress)

@@ -38,8 +38,11 @@ struct Running {
 }
 
 fn start(env: &Env, db_url: &str) -> Running {
+    start_with(env, config(env, db_url, NEVER))
+}
+
+fn start_with(env: &Env, cfg: Config) -> Running {
     let cancel = CancellationToken::new();
-    let cfg = config(env, db_url, NEVER);
     let store = env.store.clone();
     let c = cancel.clone();
     let task = tokio::spawn(async move {
@@ -478,7 +481,7 @@ async fn first_start_joining_a_run_sends_what_its_worked_batches_missed(db: Db) 
         .expect("the users' batch");
     assert_eq!(job.phase, 0);
     engine
-        .work_job(&job, "other", &scimsync::sync::NoProgress)
+        .work_job(&job, "other", &scimsync::sync::NoProgress, None)
         .await
         .expect("batch");
     assert_eq!(
@@ -514,7 +517,7 @@ async fn first_start_joining_a_run_sends_what_its_worked_batches_missed(db: Db) 
             .is_some()
     );
     engine
-        .work_job(&groups, "other", &scimsync::sync::NoProgress)
+        .work_job(&groups, "other", &scimsync::sync::NoProgress, None)
         .await
         .expect("batch");
     until_no_run(&env.store, "the joined run did not finish").await;
@@ -525,6 +528,46 @@ async fn first_start_joining_a_run_sends_what_its_worked_batches_missed(db: Db) 
 }
 
 on_both_databases!(first_start_joining_a_run_sends_what_its_worked_batches_missed);
+
+/// The daemon's workers, too, wait for a settling pass before they claim: in a no-op run of
+/// 60 users' batches on four workers at most one batch a worker is worked, the rest settled.
+async fn daemon_workers_wait_for_the_settling_pass(db: Db) {
+    let Some(env) = Env::new(db, "daemon_waits_for_settling").await else {
+        return;
+    };
+    env.import(&crate::harness::jsonl(&scimsync::directory::sample(
+        120, 10, 5,
+    )))
+    .await;
+    let s = env
+        .sync_with(scimsync::sync::SyncOptions {
+            batch_size: 2,
+            workers: 4,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!((s.created, s.failed), (118, 0), "{s:?}");
+    for _ in 0..3 {
+        env.store
+            .start_run_with_jobs("sandbox", "test", 2)
+            .await
+            .expect("run");
+        let mut cfg = config(&env, &env.db_url, NEVER);
+        cfg.worker.workers = 4;
+        let d = start_with(&env, cfg);
+        until_no_run(&env.store, "the no-op run did not finish").await;
+        d.stop().await;
+        let (settled, worked) = crate::revisions::settled_and_worked(&env, 0).await;
+        assert_eq!(settled + worked, 60, "60 batches of users");
+        assert!(
+            worked <= 4,
+            "{worked} users' batches worked beside the settling pass"
+        );
+    }
+    env.finish().await;
+}
+
+on_both_databases!(daemon_workers_wait_for_the_settling_pass);
 
 /// PostgreSQL hands out event numbers when events are written, not when they commit: a host
 /// transaction that wrote first and commits last must not be skipped by a consumer that

@@ -296,7 +296,7 @@ async fn member_epoch_moves_with_remote_ids_only(db: Db) {
 
 /// The latest run's jobs of `phase`: (settled at the phase's start, worked). A worked job's
 /// result is a whole batch summary (it names the target); a settled one holds counts only.
-async fn settled_and_worked(env: &Env, phase: i64) -> (i64, i64) {
+pub(crate) async fn settled_and_worked(env: &Env, phase: i64) -> (i64, i64) {
     let count = |like: &str| {
         format!(
             "SELECT COUNT(*) FROM jobs WHERE run_id = (SELECT MAX(id) FROM runs) \
