@@ -244,10 +244,10 @@ async fn work_jobs(s: Arc<Shared>, n: usize) {
         let claimed = s.store.claim_job(&holder, lease, None).await;
         // A job that opens a phase keeps its target's turn until its settling pass is done.
         let turn = match &claimed {
-            Ok(Some(job)) if Engine::opens_phase(job) => turns
+            Ok(Some(job)) => turns
                 .into_iter()
                 .find(|(name, _)| **name == job.target)
-                .map(|(_, turn)| turn),
+                .and_then(|(_, turn)| turn.keep_for(Some(job))),
             _ => None,
         };
         let job = match claimed {

@@ -260,6 +260,14 @@ pub struct ClaimTurn {
     _held: tokio::sync::OwnedMutexGuard<()>,
 }
 
+impl ClaimTurn {
+    /// The turn, kept, when the job just claimed in it opens a phase (its settling pass comes
+    /// before any other claim); otherwise it ends here.
+    pub fn keep_for(self, claimed: Option<&Job>) -> Option<ClaimTurn> {
+        claimed.filter(|j| Engine::opens_phase(j)).map(|_| self)
+    }
+}
+
 /// The digest prefix of scripts and settings, for the scripts' version it was made from.
 struct Prefix {
     version: String,
@@ -595,7 +603,7 @@ impl Engine {
 
     /// Whether `job` is its phase's first batch of users or groups, the one that settles the
     /// phase's quiet batches.
-    pub fn opens_phase(job: &Job) -> bool {
+    fn opens_phase(job: &Job) -> bool {
         job.after_id.is_empty() && job.phase < 2
     }
 
@@ -619,13 +627,10 @@ impl Engine {
                 None => {
                     let turn = self.claim_turn().await;
                     let job = self.store.claim_job(holder, lease, Some(run_id)).await?;
+                    let turn = turn.keep_for(job.as_ref());
                     (job, turn)
                 }
             };
-            let turn = claimed
-                .as_ref()
-                .filter(|j| Self::opens_phase(j))
-                .map(|_| turn);
             let Some(job) = claimed else {
                 if !self.store.run_has_open_jobs(run_id).await? {
                     return Ok(());
@@ -663,6 +668,7 @@ impl Engine {
                     .store
                     .finish_and_claim(&job, holder, &result, lease)
                     .await?;
+                let turn = turn.keep_for(claimed.as_ref());
                 if !recorded {
                     self.taken_over(&job);
                 }
