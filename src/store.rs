@@ -1083,6 +1083,19 @@ pub fn retry_delay_ms(attempts: i64, local_id: &str) -> i64 {
     base + (spread % (base as u64 / 10 + 1)) as i64
 }
 
+// Records orphan checks that found nothing: `$rows`, a VALUES or SELECT of (target, kind,
+// deletions, checked_at), the deletion log's sum as read before the check.
+macro_rules! record_orphan_checks {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO orphan_checks (target, kind, deletions, checked_at) ",
+            $rows,
+            " ON CONFLICT (target, kind) DO UPDATE SET \
+             deletions = excluded.deletions, checked_at = excluded.checked_at"
+        )
+    };
+}
+
 /// Deletion rows of a kind past which a reader folds them into one.
 const DELETION_ROWS_FOLDED_AT: i64 = 256;
 
@@ -1637,11 +1650,9 @@ impl Store {
         kind: Kind,
         deletions: i64,
     ) -> Result<(), StoreError> {
-        on_pool!(self, |p| sqlx::query(
-            "INSERT INTO orphan_checks (target, kind, deletions, checked_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (target, kind) DO UPDATE SET \
-             deletions = excluded.deletions, checked_at = excluded.checked_at"
-        )
+        on_pool!(self, |p| sqlx::query(record_orphan_checks!(
+            "VALUES ($1, $2, $3, $4)"
+        ))
         .bind(target)
         .bind(kind.as_str())
         .bind(deletions)
@@ -2343,16 +2354,13 @@ impl Store {
             // snapshot), so a first sync skips its anti-join of every state just written
             // (PostgreSQL 100k: 200 ms; SQLite 10k: 8 ms), unless something leaves the
             // directory meanwhile.
-            sqlx::query(
-                "INSERT INTO orphan_checks (target, kind, deletions, checked_at) \
-                 SELECT $1, k.kind, (SELECT CAST(COALESCE(SUM(d.n), 0) AS BIGINT) \
+            sqlx::query(record_orphan_checks!(
+                "SELECT $1, k.kind, (SELECT CAST(COALESCE(SUM(d.n), 0) AS BIGINT) \
                      FROM directory_deletions d WHERE d.kind = k.kind), $2 \
                  FROM (SELECT 'user' AS kind UNION ALL SELECT 'group') k \
                  WHERE NOT EXISTS (SELECT 1 FROM sync_state s \
-                     WHERE s.target = $1 AND s.kind = k.kind) \
-                 ON CONFLICT (target, kind) DO UPDATE SET \
-                 deletions = excluded.deletions, checked_at = excluded.checked_at",
-            )
+                     WHERE s.target = $1 AND s.kind = k.kind)"
+            ))
             .bind(target)
             .bind(now)
             .execute(&mut *tx)
