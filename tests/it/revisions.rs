@@ -373,6 +373,33 @@ async fn quiet_batches_are_settled_at_the_phase_start(db: Db) {
     env.finish().await;
 }
 
+/// 120 users (every 10th a service account the target excludes) and 10 groups, in batches of
+/// 2 for 4 workers: 60 batches of users and 5 of groups, for the settling-pass tests.
+pub(crate) async fn import_sixty_batches(env: &Env) -> scimsync::sync::SyncOptions {
+    env.import(&crate::harness::jsonl(&scimsync::directory::sample(
+        120, 10, 5,
+    )))
+    .await;
+    scimsync::sync::SyncOptions {
+        batch_size: 2,
+        workers: 4,
+        ..Default::default()
+    }
+}
+
+/// The latest no-op run of [`import_sixty_batches`] worked at most one batch a worker in
+/// each phase (those claimed before its settling pass began) and settled the rest.
+pub(crate) async fn assert_settled_but_one_batch_a_worker(env: &Env) {
+    for (phase, batches, what) in [(0, 60, "users'"), (1, 5, "groups'")] {
+        let (settled, worked) = settled_and_worked(env, phase).await;
+        assert_eq!(settled + worked, batches, "{batches} batches of {what}");
+        assert!(
+            worked <= 4,
+            "{worked} {what} batches worked beside the settling pass"
+        );
+    }
+}
+
 /// With several workers, those that are not settling wait for the settling pass instead of
 /// claiming the batches it is about to settle: in a no-op, at most one batch a worker is
 /// worked (those claimed before the pass began), the rest settled. (Without the wait,
@@ -381,35 +408,13 @@ async fn workers_wait_for_the_settling_pass(db: Db) {
     let Some(env) = Env::new(db, "workers_wait_for_settling").await else {
         return;
     };
-    env.import(&crate::harness::jsonl(&scimsync::directory::sample(
-        120, 10, 5,
-    )))
-    .await;
-    let sync = || {
-        env.sync_with(scimsync::sync::SyncOptions {
-            batch_size: 2,
-            workers: 4,
-            ..Default::default()
-        })
-    };
-    // Every 10th user a service account the target excludes.
-    let s = sync().await;
+    let opts = import_sixty_batches(&env).await;
+    let s = env.sync_with(opts.clone()).await;
     assert_eq!((s.created, s.skipped, s.failed), (108 + 10, 12, 0), "{s:?}");
     for _ in 0..3 {
-        let s = sync().await;
+        let s = env.sync_with(opts.clone()).await;
         assert_eq!((s.unchanged, s.skipped, s.writes), (118, 12, 0), "{s:?}");
-        let (settled, worked) = settled_and_worked(&env, 0).await;
-        assert_eq!(settled + worked, 60, "60 batches of users");
-        assert!(
-            worked <= 4,
-            "{worked} users' batches worked beside the settling pass"
-        );
-        let (settled, worked) = settled_and_worked(&env, 1).await;
-        assert_eq!(settled + worked, 5, "5 batches of groups");
-        assert!(
-            worked <= 4,
-            "{worked} groups' batches worked beside the settling pass"
-        );
+        assert_settled_but_one_batch_a_worker(&env).await;
     }
     env.finish().await;
 }
