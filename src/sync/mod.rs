@@ -344,19 +344,6 @@ fn sent_as(s: &SyncState, hash: &str, members: Option<&[String]>) -> bool {
         && (members.is_none() || s.members.as_deref() == members)
 }
 
-/// Lets serde write straight into a digest.
-struct HashWriter<'a>(&'a mut sha2::Sha256);
-
-impl std::io::Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        sha2::Digest::update(self.0, buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Mapping a batch is CPU work on the one thread that also reads the answers of the other
 /// batches' requests: let them in every few objects, so the target's concurrency stays busy.
 async fn yield_sometimes(i: usize) {
@@ -1331,7 +1318,9 @@ impl Engine {
         let key = Source::key_of(&fingerprint, rev);
         // Writing into a digest cannot fail; a serialization error would only make the hash
         // differ, which costs a mapping, never a skipped change.
-        let _ = serde_json::to_writer(&mut HashWriter(&mut h), object);
+        let mut out = crate::directory::DigestWriter::new(&mut h);
+        let _ = serde_json::to_writer(&mut out, object);
+        out.finish();
         Source {
             hash: crate::directory::hex_lower(&h.finalize()),
             key,
