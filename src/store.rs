@@ -35,7 +35,15 @@ pub enum StoreError {
 }
 
 enum Backend {
-    Sqlite(SqlitePool),
+    /// `reads` serves reads; `writes`, one connection, every write this process makes in its
+    /// write turn. SQLite empties a connection's page cache whenever another connection has
+    /// written since its last transaction: with writes spread over the pool, each write
+    /// statement started cold and read back every page it touched (a `pread` a state row in a
+    /// first sync). The one writer's cache stays warm across its own commits.
+    Sqlite {
+        reads: SqlitePool,
+        writes: SqlitePool,
+    },
     Postgres(PgPool),
 }
 
@@ -51,7 +59,18 @@ pub struct Store {
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         match &*$store.backend {
-            Backend::Sqlite($pool) => $body,
+            Backend::Sqlite { reads: $pool, .. } => $body,
+            Backend::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// As `on_pool!`, for statements made in this process's write turn (`Store::write_turn`): on
+/// SQLite they go to the one writer connection.
+macro_rules! on_write_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &*$store.backend {
+            Backend::Sqlite { writes: $pool, .. } => $body,
             Backend::Postgres($pool) => $body,
         }
     };
@@ -1111,17 +1130,20 @@ impl Store {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(30))
                 .foreign_keys(true);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(4)
-                // A file's connection cannot go stale the way a server's can: the check before
-                // each use (on by default) was one more hand-off to the connection's thread
-                // for every statement, a third of every BEGIN's time in a first sync.
-                .test_before_acquire(false)
-                .after_connect(|conn, _| Box::pin(async move { stable_plans(conn).await }))
-                .connect_with(opts)
-                .await?;
-            sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-            Backend::Sqlite(pool)
+            let pool = |connections: u32| {
+                SqlitePoolOptions::new()
+                    .max_connections(connections)
+                    // A file's connection cannot go stale the way a server's can: the check
+                    // before each use (on by default) was one more hand-off to the
+                    // connection's thread for every statement, a third of every BEGIN's time
+                    // in a first sync.
+                    .test_before_acquire(false)
+                    .after_connect(|conn, _| Box::pin(async move { stable_plans(conn).await }))
+            };
+            let writes = pool(1).connect_with(opts.clone()).await?;
+            sqlx::migrate!("migrations/sqlite").run(&writes).await?;
+            let reads = pool(4).connect_with(opts).await?;
+            Backend::Sqlite { reads, writes }
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             // Commits need not wait for the WAL flush: a crash of scimsync loses nothing (the
             // server has it), a crash of the server only the last moments, which runs redo.
@@ -1151,7 +1173,7 @@ impl Store {
     /// This process's turn to write (SQLite only; PostgreSQL takes concurrent writers).
     async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match &*self.backend {
-            Backend::Sqlite(_) => Some(self.write_gate.lock().await),
+            Backend::Sqlite { .. } => Some(self.write_gate.lock().await),
             Backend::Postgres(_) => None,
         }
     }
@@ -1172,14 +1194,14 @@ impl Store {
     /// The statement written for this database, where the two differ.
     fn per_backend(&self, sqlite: &'static str, postgres: &'static str) -> &'static str {
         match &*self.backend {
-            Backend::Sqlite(_) => sqlite,
+            Backend::Sqlite { .. } => sqlite,
             Backend::Postgres(_) => postgres,
         }
     }
 
     pub fn backend_name(&self) -> &'static str {
         match &*self.backend {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite { .. } => "sqlite",
             Backend::Postgres(_) => "postgres",
         }
     }
@@ -1197,7 +1219,7 @@ impl Store {
     ) -> Result<ImportSummary, StoreError> {
         let _turn = self.write_turn().await;
         let now = now_ms();
-        let summary = on_pool!(self, |pool| {
+        let summary = on_write_pool!(self, |pool| {
             let mut tx = pool.begin_with(self.write_begin()).await?;
             let mut summary = ImportSummary::default();
             let mut memberships: Vec<(usize, &Group)> = Vec::new();
@@ -1618,7 +1640,7 @@ impl Store {
             }
             // SQLite has no DELETE in a WITH. A transaction that takes the write lock first
             // sees no other writer until it ends, so the rows summed are the rows deleted.
-            Backend::Sqlite(p) => {
+            Backend::Sqlite { writes: p, .. } => {
                 let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
                 let (sum,): (Option<i64>,) =
                     sqlx::query_as("SELECT SUM(n) FROM directory_deletions WHERE kind = $1")
@@ -1759,7 +1781,7 @@ impl Store {
         // turn (a 20k first sync held it 0.9 s of 1.5, a quarter of that in BEGIN alone).
         // PostgreSQL keeps its transaction: it sets the plan cache mode (`write_begin`).
         let lone = !numbered && statements.len() == 1 && failed.is_empty();
-        on_pool!(self, |pool| async {
+        on_write_pool!(self, |pool| async {
             let mut tx = match lone {
                 true => None,
                 false => Some(pool.begin_with(self.write_begin()).await?),
@@ -1858,7 +1880,7 @@ impl Store {
         local_id: &str,
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        on_pool!(self, |p| sqlx::query(
+        on_write_pool!(self, |p| sqlx::query(
             "UPDATE sync_state SET status = 'leaving', updated_at = $4 \
              WHERE target = $1 AND kind = $2 AND local_id = $3"
         )
@@ -1923,7 +1945,7 @@ impl Store {
         local_id: &str,
     ) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        on_pool!(self, |p| sqlx::query(
+        on_write_pool!(self, |p| sqlx::query(
             "DELETE FROM sync_state WHERE target = $1 AND kind = $2 AND local_id = $3"
         )
         .bind(target)
@@ -2058,7 +2080,7 @@ impl Store {
 
     pub async fn set_cursor(&self, target: &str, pos: EventPos) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        on_pool!(self, |p| sqlx::query(
+        on_write_pool!(self, |p| sqlx::query(
             "INSERT INTO event_cursors (target, last_tx, last_seq) VALUES ($1, $2, $3) \
              ON CONFLICT (target) DO UPDATE SET last_tx = excluded.last_tx, \
              last_seq = excluded.last_seq"
@@ -2136,7 +2158,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<(EventPos, String, String, i64)>, StoreError> {
         let rows: Vec<(i64, i64, String, String, i64)> = match &*self.backend {
-            Backend::Sqlite(p) => {
+            Backend::Sqlite { reads: p, .. } => {
                 sqlx::query_as(
                     "SELECT 0, seq, kind, object_id, created_at FROM change_events \
                      WHERE seq > $1 ORDER BY seq LIMIT $2",
@@ -2166,7 +2188,7 @@ impl Store {
     pub async fn backlog(&self, target: &str) -> Result<(i64, Option<i64>), StoreError> {
         let pos = self.cursor(target).await?.unwrap_or_default();
         let row: (i64, Option<i64>) = match &*self.backend {
-            Backend::Sqlite(p) => {
+            Backend::Sqlite { reads: p, .. } => {
                 sqlx::query_as("SELECT COUNT(*), MIN(created_at) FROM change_events WHERE seq > $1")
                     .bind(pos.seq)
                     .fetch_one(p)
@@ -2289,7 +2311,7 @@ impl Store {
         // Where the event stream stands (its head): every event before it has committed, so
         // this run's batches, which read the directory after this transaction, see its change.
         let head = self.per_backend(EVENTS_HEAD_SQLITE, EVENTS_HEAD_POSTGRES);
-        let created: Result<i64, sqlx::Error> = on_pool!(self, |pool| async {
+        let created: Result<i64, sqlx::Error> = on_write_pool!(self, |pool| async {
             let mut tx = pool.begin_with(self.write_begin()).await?;
             // The batches of runs that ended a while ago have served their summaries (their
             // counts stay in `runs`); kept, every claim would wade through all of history.
@@ -2433,7 +2455,7 @@ impl Store {
             }};
         }
         let results: Vec<String> = match &*self.backend {
-            Backend::Sqlite(p) => query!().fetch_all(p).await?,
+            Backend::Sqlite { writes: p, .. } => query!().fetch_all(p).await?,
             Backend::Postgres(p) => {
                 // One statement over the whole directory: its sort in memory, and no JIT
                 // compilation (hundreds of ms) once the directory makes it look costly.
@@ -2485,7 +2507,7 @@ impl Store {
         run: Option<i64>,
     ) -> Result<Option<Job>, StoreError> {
         let sql = self.claim_sql(which);
-        let job: Option<Job> = on_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let job: Option<Job> = on_write_pool!(self, |p| sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(holder)
             .bind(now + lease_ms)
             .bind(now)
@@ -2535,7 +2557,7 @@ impl Store {
         let now = now_ms();
         let result = result.to_string();
         match &*self.backend {
-            Backend::Sqlite(p) => {
+            Backend::Sqlite { writes: p, .. } => {
                 // One statement that updates both rows: a transaction of four statements cost
                 // four hand-offs to the connection's thread while holding the one writer's
                 // turn (0.5 ms a batch, the whole of a no-op sync's user phase). The pick is
@@ -2604,7 +2626,7 @@ impl Store {
         lease_ms: i64,
     ) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
-        let n = on_pool!(self, |p| {
+        let n = on_write_pool!(self, |p| {
             sqlx::query(
             "UPDATE jobs SET lease_until = $3 WHERE id = $1 AND holder = $2 AND status = 'running'"
         )
@@ -2626,7 +2648,7 @@ impl Store {
         result: &Value,
     ) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
-        let n = on_pool!(self, |p| sqlx::query(FINISH_JOB)
+        let n = on_write_pool!(self, |p| sqlx::query(FINISH_JOB)
             .bind(id)
             .bind(holder)
             .bind(result.to_string())
@@ -2639,7 +2661,7 @@ impl Store {
     /// Gives a job back (shutdown): someone else may claim it at once.
     pub async fn release_job(&self, id: i64, holder: &str) -> Result<(), StoreError> {
         let _turn = self.write_turn().await;
-        on_pool!(self, |p| sqlx::query(
+        on_write_pool!(self, |p| sqlx::query(
             "UPDATE jobs SET status = 'pending', holder = NULL, lease_until = NULL \
              WHERE id = $1 AND holder = $2 AND status = 'running'"
         )
@@ -2688,7 +2710,7 @@ impl Store {
         detail: Option<&str>,
     ) -> Result<bool, StoreError> {
         let _turn = self.write_turn().await;
-        let n = on_pool!(self, |p| sqlx::query(
+        let n = on_write_pool!(self, |p| sqlx::query(
             "UPDATE runs SET finished_at = $2, status = $3, created = $4, updated = $5, \
              unchanged = $6, deleted = $7, skipped = $8, failed = $9, requests = $10, \
              detail = $11 WHERE id = $1 AND status = 'running'"
@@ -2771,22 +2793,24 @@ mod tests {
         );
     }
 
-    /// Every SQLite connection keeps its statements' plans (see `stable_plans`): the pool's
-    /// connections all report the setting on, and a fresh connection reports it off.
+    /// Every SQLite connection keeps its statements' plans (see `stable_plans`): the pools'
+    /// connections (four readers, one writer) all report the setting on, and a fresh
+    /// connection reports it off.
     #[tokio::test]
     async fn sqlite_connections_keep_plans_stable() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let url = format!("sqlite://{}", dir.path().join("s.db").display());
         let store = Store::connect(&url).await.expect("store");
-        let Backend::Sqlite(pool) = &*store.backend else {
+        let Backend::Sqlite { reads, writes } = &*store.backend else {
             panic!("a SQLite store");
         };
         let mut held = Vec::new();
-        for _ in 0..4 {
+        for pool in [reads, reads, reads, reads, writes] {
             let mut conn = pool.acquire().await.expect("connection");
             assert_eq!(qpsg(&mut conn, -1).await.expect("read setting"), 1);
             held.push(conn);
         }
+        assert_eq!(writes.options().get_max_connections(), 1);
         use sqlx::Connection;
         let mut plain = sqlx::SqliteConnection::connect(&url).await.expect("plain");
         assert_eq!(qpsg(&mut plain, -1).await.expect("read setting"), 0);
