@@ -186,18 +186,20 @@ fn thread_cpu_since(
 }
 
 unsafe extern "C" {
-    /// mimalloc (everyone's allocator, SQLite's too: the `override` feature): gives freed
-    /// heap back to the system.
+    /// glibc (SQLite's allocator): gives freed heap back to the system.
+    fn malloc_trim(pad: usize) -> i32;
+    /// mimalloc (ours): the same.
     fn mi_collect(force: bool);
 }
 
 /// Resets the peak RSS, so the next reading covers only what follows: the heap the sample
-/// directory's generation and import freed is given back first (the allocator keeps it
+/// directory's generation and import freed is given back first (the allocators keep it
 /// otherwise, and it would count as the sync's; `scimsync directory import` is a process of
 /// its own).
 fn reset_peak_rss() {
-    // SAFETY: it only releases free memory; it touches no live allocation.
+    // SAFETY: both only release free memory; they touch no live allocation.
     unsafe {
+        malloc_trim(0);
         mi_collect(true);
     }
     let _ = std::fs::write("/proc/self/clear_refs", "5");

@@ -2,8 +2,6 @@
 
 // mimalloc: allocation was a sixth of the engine's CPU per object with glibc's malloc
 // (perf, `cargo bench --bench sync`); with mimalloc the first sync costs about a tenth less.
-// Its `override` feature (Cargo.toml) gives SQLite's C code mimalloc's `malloc` too: glibc's
-// was 7-10% of SQLite's threads, and with mimalloc they run 7% fewer instructions.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
