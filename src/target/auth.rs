@@ -58,7 +58,11 @@ enum HttpError {
 }
 
 impl Auth {
-    pub fn from_config(cfg: &AuthConfig, http: &reqwest::Client) -> Result<Auth, AuthError> {
+    /// `token_http` makes the token endpoint's client; it is called for OAuth alone.
+    pub fn from_config(
+        cfg: &AuthConfig,
+        token_http: impl FnOnce() -> Result<reqwest::Client, AuthError>,
+    ) -> Result<Auth, AuthError> {
         match cfg.mode {
             AuthMode::Token => {
                 let token = match (&cfg.token, &cfg.token_file) {
@@ -104,7 +108,7 @@ impl Auth {
                     .collect();
                 Ok(Auth::OAuth(Box::new(OAuth {
                     client,
-                    http: http.clone(),
+                    http: token_http()?,
                     scopes,
                     extra: cfg
                         .extra

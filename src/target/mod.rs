@@ -24,7 +24,7 @@ pub mod profile;
 
 pub use profile::{Profile, UserRemoval};
 
-use auth::{Auth, Credential};
+use auth::{Auth, AuthError, Credential};
 
 /// Bodies larger than this are refused rather than buffered.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -339,39 +339,47 @@ impl TargetClient {
         if let Ok(mut segs) = base.path_segments_mut() {
             segs.pop_if_empty();
         }
-        let mut builder = reqwest::Client::builder()
-            .timeout(cfg.timeout())
-            .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
-            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")))
-            // Retries are ours (backoff, Retry-After, the circuit breaker); reqwest's own
-            // would copy every request's headers in case it retries.
-            .retry(reqwest::retry::never().max_retries_per_request(0));
-        if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| invalid(format!("cannot read ca_file {}: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| invalid(format!("ca_file {}: {e}", path.display())))?;
-            builder = builder.tls_certs_merge(certs);
-        }
+        let certs = match &cfg.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| invalid(format!("cannot read ca_file {}: {e}", path.display())))?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| invalid(format!("ca_file {}: {e}", path.display())))?
+            }
+            None => Vec::new(),
+        };
         if !cfg.verify_tls {
             tracing::warn!(
                 target = %cfg.name,
                 "TLS CERTIFICATE VERIFICATION IS OFF for this target (verify_tls = false): anyone on the network path can read and change what is sent, tokens included"
             );
-            builder = builder.tls_danger_accept_invalid_certs(true);
         }
-        let http = builder
-            .build()
-            .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
-        // The token endpoint gets its own client that never follows redirects, so a
-        // redirect cannot carry client credentials elsewhere.
-        let token_http = reqwest::Client::builder()
+        // The SCIM endpoint and the token endpoint trust the same certificates.
+        let tls = |builder: reqwest::ClientBuilder| {
+            builder
+                .tls_certs_merge(certs.clone())
+                .tls_danger_accept_invalid_certs(!cfg.verify_tls)
+        };
+        let http = tls(reqwest::Client::builder()
             .timeout(cfg.timeout())
-            .redirect(reqwest::redirect::Policy::none())
-            .tls_danger_accept_invalid_certs(!cfg.verify_tls)
+            .connect_timeout(Duration::from_secs(10).min(cfg.timeout()))
+            .user_agent(concat!("scimsync/", env!("CARGO_PKG_VERSION")))
+            // Retries are ours (backoff, Retry-After, the circuit breaker); reqwest's own
+            // would copy every request's headers in case it retries.
+            .retry(reqwest::retry::never().max_retries_per_request(0)))
+        .build()
+        .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
+        // The token endpoint gets its own client that never follows redirects, so a
+        // redirect cannot carry client credentials elsewhere. Built only for OAuth: each
+        // client loads the system's trusted certificates, a few milliseconds.
+        let token_http = || {
+            tls(reqwest::Client::builder()
+                .timeout(cfg.timeout())
+                .redirect(reqwest::redirect::Policy::none()))
             .build()
-            .map_err(|e| invalid(format!("cannot build HTTP client: {e}")))?;
-        let auth = Auth::from_config(&cfg.auth, &token_http).map_err(|e| invalid(e.0))?;
+            .map_err(|e| AuthError(format!("cannot build HTTP client: {e}")))
+        };
+        let auth = Auth::from_config(&cfg.auth, token_http).map_err(|e| invalid(e.0))?;
         Ok(TargetClient {
             name: cfg.name.clone(),
             base,

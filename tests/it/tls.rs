@@ -4,6 +4,7 @@
 //! `localhost`), which records the HTTP version of every request it forwards.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -11,6 +12,9 @@ use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, pki_types};
+
+use scimsync::config::{AuthConfig, AuthMode, ClientAuth};
+use scimsync::sandbox::{OAuthClient, SandboxOptions, SandboxProfile};
 
 use crate::harness::{Db, Env};
 
@@ -130,4 +134,57 @@ async fn https_target_offering_http2_is_spoken_to_in_http2() {
 #[tokio::test]
 async fn https_target_without_http2_is_spoken_to_in_http1() {
     sync_over_tls("tls_h1", &[b"http/1.1"], Version::HTTP_11).await;
+}
+
+/// The token endpoint is reached with the same trust as the SCIM endpoint: an OAuth target
+/// whose token endpoint sits behind a certificate of the private CA in `ca_file` gets its
+/// token over HTTPS, then syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_token_endpoint_is_trusted_through_ca_file() {
+    let opts = SandboxOptions {
+        profile: SandboxProfile::Nauthera,
+        oauth_clients: vec![OAuthClient {
+            id: "scim-provisioner".into(),
+            secret: "s3cret-value".into(),
+            scopes: vec!["admin".into()],
+        }],
+        token_lifetime: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let mut env = Env::with_sandbox(Db::Sqlite, "tls_oauth", opts)
+        .await
+        .expect("SQLite needs no set-up");
+    let origin = format!("http://{}", env.sandbox.addr);
+    let (port, pem, seen) = tls_front(origin.clone(), &[b"http/1.1"]).await;
+    let ca = env.mapping_dir().with_file_name("ca.pem");
+    std::fs::write(&ca, pem).expect("write ca");
+    let front = format!("https://localhost:{port}");
+    env.target.url = env.sandbox.url.replace(&origin, &front);
+    env.target.ca_file = Some(ca);
+    env.target.auth = AuthConfig {
+        mode: AuthMode::Oauth,
+        token_url: Some(env.sandbox.token_url.replace(&origin, &front)),
+        client_id: Some("scim-provisioner".into()),
+        client_secret: Some("s3cret-value".into()),
+        scope: Some("admin".into()),
+        client_auth: ClientAuth::Basic,
+        ..Default::default()
+    };
+    env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"ada\"}\n")
+        .await;
+    let summary = env.sync().await;
+    assert!(summary.is_clean(), "{:?}", summary.failures);
+    assert_eq!(summary.created, 1, "{summary:?}");
+    let token_posts = env
+        .sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.starts_with("/oauth2/token"))
+        .count();
+    assert_eq!(token_posts, 1, "one token, fetched through the TLS front");
+    assert!(
+        seen.lock().expect("versions").len() >= 2,
+        "the token and the user went through the TLS front"
+    );
+    env.finish().await;
 }
