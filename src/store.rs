@@ -738,10 +738,13 @@ macro_rules! member_remote_id {
     };
 }
 
-// The target's member epoch (0 before any user was provisioned there).
+// The target's member epoch (0 before any user was provisioned there): the sum of its
+// stripes (PostgreSQL keeps 16 a target so that writers need not wait for each other, see
+// migration 0011; SQLite one).
 macro_rules! member_epoch {
     () => {
-        "SELECT COALESCE((SELECT me.epoch FROM member_epochs me WHERE me.target = $1), 0) AS epoch"
+        "SELECT COALESCE((SELECT CAST(SUM(me.epoch) AS BIGINT) FROM member_epochs me \
+         WHERE me.target = $1), 0) AS epoch"
     };
 }
 

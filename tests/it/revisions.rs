@@ -206,7 +206,7 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
     // The member epoch moved (twice): the members are compared, found the same, and the
     // scan hands back the key to record; a sync records it without sending anything.
     let epoch = env
-        .host_i64("SELECT epoch FROM member_epochs WHERE target = 'sandbox'")
+        .host_i64("SELECT CAST(SUM(epoch) AS BIGINT) FROM member_epochs WHERE target = 'sandbox'")
         .await;
     let key = format!("{fingerprint}:{group_rev}:{epoch}");
     assert_eq!(
@@ -240,7 +240,10 @@ async fn member_epoch_moves_with_remote_ids_only(db: Db) {
     };
     env.import(USERS).await;
     let epoch = || {
-        env.host_i64("SELECT COALESCE(max(epoch), 0) FROM member_epochs WHERE target = 'sandbox'")
+        env.host_i64(
+            "SELECT COALESCE(CAST(SUM(epoch) AS BIGINT), 0) FROM member_epochs \
+             WHERE target = 'sandbox'",
+        )
     };
     assert_eq!(epoch().await, 0);
     let (s, _) = env.sync_writes().await;
@@ -416,6 +419,81 @@ async fn workers_wait_for_the_settling_pass(db: Db) {
         assert_eq!((s.unchanged, s.skipped, s.writes), (118, 12, 0), "{s:?}");
         assert_settled_but_one_batch_a_worker(&env).await;
     }
+    env.finish().await;
+}
+
+/// On PostgreSQL, transactions that move remote ids on one target do not wait for each
+/// other's commit (the member epoch's stripes, migration 0011): a second connection's write
+/// goes through while the first's transaction is open, and the epoch moves with each commit.
+#[tokio::test]
+async fn postgres_epoch_bumps_do_not_wait_for_each_other() {
+    use sqlx::Connection;
+    let Some(env) = Env::new(Db::Postgres, "epoch_stripes").await else {
+        return;
+    };
+    env.import(USERS).await;
+    let (s, _) = env.sync_writes().await;
+    assert_eq!(s.created, 3, "{s:?}");
+    let epoch = || {
+        env.host_i64(
+            "SELECT COALESCE(CAST(SUM(epoch) AS BIGINT), 0) FROM member_epochs \
+             WHERE target = 'sandbox'",
+        )
+    };
+    async fn pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(conn)
+            .await
+    }
+    let mut first = sqlx::PgConnection::connect(&env.db_url)
+        .await
+        .expect("connect");
+    let first_stripe = pid(&mut first).await.expect("pid") % 16;
+    // A second server process on another stripe (two of sixteen may share one).
+    let mut second = loop {
+        let mut c = sqlx::PgConnection::connect(&env.db_url)
+            .await
+            .expect("connect");
+        if pid(&mut c).await.expect("pid") % 16 != first_stripe {
+            break c;
+        }
+    };
+    let moved = |user: &str| {
+        format!(
+            "UPDATE sync_state SET remote_id = 'moved-{user}' \
+             WHERE target = 'sandbox' AND kind = 'user' AND local_id = '{user}'"
+        )
+    };
+    let before = epoch().await;
+    sqlx::query("BEGIN")
+        .execute(&mut first)
+        .await
+        .expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(moved("u-1")))
+        .execute(&mut first)
+        .await
+        .expect("first write");
+    sqlx::query("SET lock_timeout = '5s'")
+        .execute(&mut second)
+        .await
+        .expect("lock timeout");
+    let second_write = sqlx::query(sqlx::AssertSqlSafe(moved("u-2")))
+        .execute(&mut second)
+        .await;
+    assert!(
+        second_write.is_ok(),
+        "the second writer waited for the first's commit: {second_write:?}"
+    );
+    let after_second = epoch().await;
+    assert!(after_second > before, "the second's commit moved the epoch");
+    sqlx::query("COMMIT")
+        .execute(&mut first)
+        .await
+        .expect("commit");
+    assert!(
+        epoch().await > after_second,
+        "the first's commit moved it again"
+    );
     env.finish().await;
 }
 
