@@ -205,9 +205,7 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
     let group_rev = rev(&env, "groups", "g-1").await;
     // The member epoch moved (twice): the members are compared, found the same, and the
     // scan hands back the key to record; a sync records it without sending anything.
-    let epoch = env
-        .host_i64("SELECT CAST(SUM(epoch) AS BIGINT) FROM member_epochs WHERE target = 'sandbox'")
-        .await;
+    let epoch = member_epoch(&env).await;
     let key = format!("{fingerprint}:{group_rev}:{epoch}");
     assert_eq!(
         groups(fingerprint).await,
@@ -221,6 +219,15 @@ async fn a_no_op_scan_reads_no_user_and_host_writes_are_seen(db: Db) {
         vec![("g-1".to_string(), true, None)]
     );
     env.finish().await;
+}
+
+/// The sandbox target's member epoch: the sum of its stripes (0 before any).
+async fn member_epoch(env: &Env) -> i64 {
+    env.host_i64(
+        "SELECT COALESCE(CAST(SUM(epoch) AS BIGINT), 0) FROM member_epochs \
+         WHERE target = 'sandbox'",
+    )
+    .await
 }
 
 async fn group_key(env: &Env) -> Option<String> {
@@ -239,12 +246,7 @@ async fn member_epoch_moves_with_remote_ids_only(db: Db) {
         return;
     };
     env.import(USERS).await;
-    let epoch = || {
-        env.host_i64(
-            "SELECT COALESCE(CAST(SUM(epoch) AS BIGINT), 0) FROM member_epochs \
-             WHERE target = 'sandbox'",
-        )
-    };
+    let epoch = || member_epoch(&env);
     assert_eq!(epoch().await, 0);
     let (s, _) = env.sync_writes().await;
     assert_eq!(s.created, 3, "{s:?}");
@@ -434,12 +436,7 @@ async fn postgres_epoch_bumps_do_not_wait_for_each_other() {
     env.import(USERS).await;
     let (s, _) = env.sync_writes().await;
     assert_eq!(s.created, 3, "{s:?}");
-    let epoch = || {
-        env.host_i64(
-            "SELECT COALESCE(CAST(SUM(epoch) AS BIGINT), 0) FROM member_epochs \
-             WHERE target = 'sandbox'",
-        )
-    };
+    let epoch = || member_epoch(&env);
     async fn pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
         sqlx::query_scalar("SELECT pg_backend_pid()")
             .fetch_one(conn)

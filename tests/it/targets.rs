@@ -39,13 +39,13 @@ fn group(id: &str, name: &str, members: impl Iterator<Item = usize>) -> String {
     )
 }
 
-fn count(reqs: &[RecordedRequest], method: &str, prefix: &str) -> usize {
+pub(crate) fn count(reqs: &[RecordedRequest], method: &str, prefix: &str) -> usize {
     reqs.iter()
         .filter(|r| r.method == method && r.path.starts_with(prefix))
         .count()
 }
 
-fn oauth_env_opts(lifetime: Duration) -> SandboxOptions {
+pub(crate) fn oauth_env_opts(lifetime: Duration) -> SandboxOptions {
     SandboxOptions {
         profile: SandboxProfile::Nauthera,
         oauth_clients: vec![OAuthClient {
@@ -58,7 +58,7 @@ fn oauth_env_opts(lifetime: Duration) -> SandboxOptions {
     }
 }
 
-fn oauth_auth(token_url: &str, scope: &str, client_auth: ClientAuth) -> AuthConfig {
+pub(crate) fn oauth_auth(token_url: &str, scope: &str, client_auth: ClientAuth) -> AuthConfig {
     AuthConfig {
         mode: AuthMode::Oauth,
         token_url: Some(token_url.into()),

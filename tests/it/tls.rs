@@ -13,10 +13,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::{self, pki_types};
 
-use scimsync::config::{AuthConfig, AuthMode, ClientAuth};
-use scimsync::sandbox::{OAuthClient, SandboxOptions, SandboxProfile};
+use scimsync::config::ClientAuth;
 
 use crate::harness::{Db, Env};
+use crate::targets::{count, oauth_auth, oauth_env_opts};
 
 /// A TLS front for `backend` (the sandbox's plain-HTTP origin) on a free loopback port,
 /// offering the ALPN protocols `alpn`. Returns its port, the certificate's PEM and the
@@ -141,19 +141,13 @@ async fn https_target_without_http2_is_spoken_to_in_http1() {
 /// token over HTTPS, then syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_token_endpoint_is_trusted_through_ca_file() {
-    let opts = SandboxOptions {
-        profile: SandboxProfile::Nauthera,
-        oauth_clients: vec![OAuthClient {
-            id: "scim-provisioner".into(),
-            secret: "s3cret-value".into(),
-            scopes: vec!["admin".into()],
-        }],
-        token_lifetime: Duration::from_secs(3600),
-        ..Default::default()
-    };
-    let mut env = Env::with_sandbox(Db::Sqlite, "tls_oauth", opts)
-        .await
-        .expect("SQLite needs no set-up");
+    let mut env = Env::with_sandbox(
+        Db::Sqlite,
+        "tls_oauth",
+        oauth_env_opts(Duration::from_secs(3600)),
+    )
+    .await
+    .expect("SQLite needs no set-up");
     let origin = format!("http://{}", env.sandbox.addr);
     let (port, pem, seen) = tls_front(origin.clone(), &[b"http/1.1"]).await;
     let ca = env.mapping_dir().with_file_name("ca.pem");
@@ -161,27 +155,21 @@ async fn oauth_token_endpoint_is_trusted_through_ca_file() {
     let front = format!("https://localhost:{port}");
     env.target.url = env.sandbox.url.replace(&origin, &front);
     env.target.ca_file = Some(ca);
-    env.target.auth = AuthConfig {
-        mode: AuthMode::Oauth,
-        token_url: Some(env.sandbox.token_url.replace(&origin, &front)),
-        client_id: Some("scim-provisioner".into()),
-        client_secret: Some("s3cret-value".into()),
-        scope: Some("admin".into()),
-        client_auth: ClientAuth::Basic,
-        ..Default::default()
-    };
+    env.target.auth = oauth_auth(
+        &env.sandbox.token_url.replace(&origin, &front),
+        "admin",
+        ClientAuth::Basic,
+    );
     env.import("{\"kind\":\"user\",\"id\":\"u-1\",\"username\":\"ada\"}\n")
         .await;
     let summary = env.sync().await;
     assert!(summary.is_clean(), "{:?}", summary.failures);
     assert_eq!(summary.created, 1, "{summary:?}");
-    let token_posts = env
-        .sandbox
-        .requests()
-        .iter()
-        .filter(|r| r.method == "POST" && r.path.starts_with("/oauth2/token"))
-        .count();
-    assert_eq!(token_posts, 1, "one token, fetched through the TLS front");
+    assert_eq!(
+        count(&env.sandbox.requests(), "POST", "/oauth2/token"),
+        1,
+        "one token, fetched through the TLS front"
+    );
     assert!(
         seen.lock().expect("versions").len() >= 2,
         "the token and the user went through the TLS front"
