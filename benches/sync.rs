@@ -18,7 +18,8 @@
 //! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone, with its CPU per object
 //! split by thread), BENCH_NOOP_ONLY=1 (three no-op resyncs after the first sync, the last's CPU
 //! split by thread), BENCH_SLOW_ONLY=1 (the 5 ms target alone), BENCH_DBS=sqlite,
-//! BENCH_WORKERS=n, BENCH_BULK=1.
+//! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" (statements run on the bench's PostgreSQL
+//! database after its migrations: for trying a schema change without writing a migration).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +146,25 @@ fn stat_cpu(path: &std::path::Path) -> f64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds of the PostgreSQL server's processes on this machine (backends, writers,
+/// autovacuum; those that ended are in the postmaster's children's time), or nothing where
+/// none is visible (a server elsewhere).
+fn postgres_cpu_seconds() -> Option<f64> {
+    let mut total = None;
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "postgres" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        *total.get_or_insert(0.0) += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0;
+    }
+    total
 }
 
 /// CPU seconds of scimsync: the whole process minus the sink's own thread, so the figure is
@@ -410,6 +430,15 @@ async fn bench(db: &str, n: usize) {
         return;
     };
     let store = Store::connect(&url).await.expect("database");
+    // For trying a change to PostgreSQL's schema or settings without a migration.
+    if let (Some(_), Ok(sql)) = (&pg_name, std::env::var("BENCH_PG_SQL")) {
+        let pool = sqlx::PgPool::connect(&url).await.expect("database");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("BENCH_PG_SQL");
+        pool.close().await;
+    }
     let state = Arc::new(Sink::default());
     let addr = start_sink(state.clone());
     let mappings = dir.path().join("mappings");
@@ -447,11 +476,13 @@ async fn bench(db: &str, n: usize) {
             "| {db} | {n} + {groups} | 5 ms target: {} |",
             slow.describe()
         );
+        finish(store, pg_name).await;
         return;
     }
     let engine = engine_for(&store, &target).await;
     let objects = (n + groups) as f64;
     let threads0 = thread_cpu();
+    let server0 = postgres_cpu_seconds();
     let (r0, cpu0, t0) = (
         state.requests.load(Ordering::Relaxed),
         cpu_seconds(),
@@ -465,16 +496,26 @@ async fn bench(db: &str, n: usize) {
     if std::env::var_os("BENCH_FULL_ONLY").is_some() {
         // For profiling the first sync alone (perf record -D <ms after the import>).
         // And where the CPU went, per object, by kind of thread (/proc ticks: 10 ms).
-        let per_thread: Vec<String> = thread_cpu_since(&threads0)
+        let mut per_thread: Vec<String> = thread_cpu_since(&threads0)
             .into_iter()
             .map(|(kind, secs)| format!("{kind} {:.0} µs", secs / objects * 1e6))
             .collect();
+        // PostgreSQL's server, when it runs here: its CPU is the other half of the cost.
+        if let (true, Some(before), Some(after)) =
+            (pg_name.is_some(), server0, postgres_cpu_seconds())
+        {
+            per_thread.push(format!(
+                "PostgreSQL server {:.0} µs",
+                (after - before) / objects * 1e6
+            ));
+        }
         println!(
             "| {db} | {n} + {groups} | {import_s:.1} s | {wall:.2} s | {:.0} | {first_requests} | {:.0} µs | {} |",
             objects / wall,
             cpu / objects * 1e6,
             per_thread.join(", ")
         );
+        finish(store, pg_name).await;
         return;
     }
     eprintln!("after full sync: peak RSS {:.0} MB", peak_rss_mb());
@@ -506,6 +547,7 @@ async fn bench(db: &str, n: usize) {
             times.join(" / "),
             per_thread.join(", ")
         );
+        finish(store, pg_name).await;
         return;
     }
 
@@ -595,6 +637,11 @@ async fn bench(db: &str, n: usize) {
         slow.describe(),
         peak_rss_mb()
     );
+    finish(store, pg_name).await;
+}
+
+/// Closes the store and drops the bench's PostgreSQL database, if it made one.
+async fn finish(store: Store, pg_name: Option<String>) {
     store.close().await;
     if let (Some(name), Ok(admin)) = (pg_name, std::env::var("SCIMSYNC_TEST_POSTGRES"))
         && let Ok(pool) = sqlx::PgPool::connect(&admin).await
