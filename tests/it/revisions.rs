@@ -494,6 +494,67 @@ async fn postgres_epoch_bumps_do_not_wait_for_each_other() {
     env.finish().await;
 }
 
+/// On PostgreSQL a transaction bumps a target's member epoch once, however many of its rows
+/// and statements move remote ids there (migration 0012), and the next transaction on the
+/// same connection bumps it again; a savepoint rolled back takes its bump with it, so a later
+/// move in the same transaction bumps anew.
+#[tokio::test]
+async fn postgres_a_transaction_bumps_the_epoch_once() {
+    use sqlx::Connection;
+    let Some(env) = Env::new(Db::Postgres, "epoch_once").await else {
+        return;
+    };
+    env.import(USERS).await;
+    let (s, _) = env.sync_writes().await;
+    assert_eq!(s.created, 3, "{s:?}");
+    let mut conn = sqlx::PgConnection::connect(&env.db_url)
+        .await
+        .expect("connect");
+    let mut run = async |statements: &[&str]| {
+        for sql in statements {
+            sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&mut conn)
+                .await
+                .expect(sql);
+        }
+    };
+    let moved = "UPDATE sync_state SET remote_id = remote_id || '-m' WHERE kind = 'user'";
+    let moved_u1 = "UPDATE sync_state SET remote_id = remote_id || '-m' \
+                    WHERE kind = 'user' AND local_id = 'u-1'";
+    let e0 = member_epoch(&env).await;
+    // Three rows in one statement, then a second statement: one bump.
+    run(&["BEGIN", moved, moved_u1, "COMMIT"]).await;
+    let e1 = member_epoch(&env).await;
+    assert_eq!(e1, e0 + 1, "one transaction, one bump");
+    // The next transaction of the same connection bumps again.
+    run(&["BEGIN", moved_u1, "COMMIT"]).await;
+    let e2 = member_epoch(&env).await;
+    assert_eq!(
+        e2,
+        e1 + 1,
+        "the bump's mark did not outlive its transaction"
+    );
+    // A savepoint's bump rolled back: the next move bumps.
+    run(&[
+        "BEGIN",
+        "SAVEPOINT s",
+        moved_u1,
+        "ROLLBACK TO SAVEPOINT s",
+        moved_u1,
+        "COMMIT",
+    ])
+    .await;
+    assert_eq!(
+        member_epoch(&env).await,
+        e2 + 1,
+        "the move after the rollback bumped"
+    );
+    // Without a transaction, each statement is one.
+    run(&[moved_u1, moved_u1]).await;
+    assert_eq!(member_epoch(&env).await, e2 + 3);
+    env.finish().await;
+}
+
 on_both_databases!(
     host_writes_get_new_revisions_and_one_event_each,
     workers_wait_for_the_settling_pass,
