@@ -19,7 +19,8 @@
 //! split by thread), BENCH_NOOP_ONLY=1 (three no-op resyncs after the first sync, the last's CPU
 //! split by thread), BENCH_SLOW_ONLY=1 (the 5 ms target alone), BENCH_DBS=sqlite,
 //! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" (statements run on the bench's PostgreSQL
-//! database after its migrations: for trying a schema change without writing a migration).
+//! database after its migrations: for trying a schema change without writing a migration),
+//! BENCH_KEEP_DB=1 (keeps that database).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -640,9 +641,16 @@ async fn bench(db: &str, n: usize) {
     finish(store, pg_name).await;
 }
 
-/// Closes the store and drops the bench's PostgreSQL database, if it made one.
+/// Closes the store and drops the bench's PostgreSQL database, if it made one (and
+/// BENCH_KEEP_DB does not ask to keep it, for looking at its plans).
 async fn finish(store: Store, pg_name: Option<String>) {
     store.close().await;
+    if let Some(name) = &pg_name
+        && std::env::var_os("BENCH_KEEP_DB").is_some()
+    {
+        eprintln!("kept database {name}");
+        return;
+    }
     if let (Some(name), Ok(admin)) = (pg_name, std::env::var("SCIMSYNC_TEST_POSTGRES"))
         && let Ok(pool) = sqlx::PgPool::connect(&admin).await
     {
