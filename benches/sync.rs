@@ -56,6 +56,9 @@ struct Sink {
     /// A slow target's first request and last answer: the time spent sending, without the
     /// run's start and end.
     window: Mutex<Option<(Instant, Instant)>>,
+    /// A slow target's exchanges (arrival, answer, what), kept while `timeline` is set.
+    exchanges: Mutex<Vec<(Instant, Instant, &'static str)>>,
+    timeline: std::sync::atomic::AtomicBool,
 }
 
 async fn sink(
@@ -74,6 +77,16 @@ async fn sink(
         let mut window = s.window.lock().unwrap_or_else(|e| e.into_inner());
         let first = window.map_or(t, |(first, _)| first);
         *window = Some((first, Instant::now()));
+        if s.timeline.load(Ordering::Relaxed) {
+            let what = match (&method, uri.path().contains("/Groups")) {
+                (&Method::POST, false) => "POST user",
+                (&Method::POST, true) => "POST group",
+                (&Method::GET, _) => "GET",
+                _ => "other",
+            };
+            let mut ex = s.exchanges.lock().unwrap_or_else(|e| e.into_inner());
+            ex.push((t, Instant::now(), what));
+        }
     }
     let path = uri.path().trim_start_matches("/scim/v2").to_string();
     let json_ok = |v: serde_json::Value, code: StatusCode| {
@@ -359,7 +372,9 @@ async fn slow_target(
         .unwrap_or_else(|e| e.into_inner())
         .map_or(wall, |(first, last)| (last - first).as_secs_f64());
     let held = client.stats.held_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let timeline = state.timeline.swap(false, Ordering::Relaxed);
     let generator = load_generator(state, addr, slow.concurrency).await;
+    state.timeline.store(timeline, Ordering::Relaxed);
     state.latency_ms.store(0, Ordering::Relaxed);
     Slow {
         per_second: requests / wall,
@@ -371,6 +386,77 @@ async fn slow_target(
         busy: held / (slow.concurrency as f64 * sending),
         generator,
     }
+}
+
+/// Where a slow target's slots stood idle: the target's occupancy (exchanges in progress /
+/// concurrency) in 10 ms windows from its first arrival to its last answer, the windows
+/// below 90% printed with what arrived in them, and the idle slot time summed by what was
+/// being sent around it.
+fn print_idle_timeline(state: &Sink, concurrency: usize) {
+    let ex = std::mem::take(&mut *state.exchanges.lock().unwrap_or_else(|e| e.into_inner()));
+    let (Some(start), Some(end)) = (ex.iter().map(|e| e.0).min(), ex.iter().map(|e| e.1).max())
+    else {
+        return;
+    };
+    let step = Duration::from_millis(10);
+    let windows = (end - start).as_micros() / step.as_micros() + 1;
+    let mut busy = vec![0f64; windows as usize];
+    let mut kinds: Vec<std::collections::BTreeMap<&str, usize>> =
+        vec![Default::default(); windows as usize];
+    for &(a, b, what) in &ex {
+        let (a, b) = ((a - start).as_secs_f64(), (b - start).as_secs_f64());
+        *kinds[(a / step.as_secs_f64()) as usize]
+            .entry(what)
+            .or_default() += 1;
+        let mut w = (a / step.as_secs_f64()) as usize;
+        while w < busy.len() && (w as f64) * step.as_secs_f64() < b {
+            let (lo, hi) = (
+                w as f64 * step.as_secs_f64(),
+                (w + 1) as f64 * step.as_secs_f64(),
+            );
+            busy[w] += b.min(hi) - a.max(lo);
+            w += 1;
+        }
+    }
+    let capacity = step.as_secs_f64() * concurrency as f64;
+    let mut idle_by: std::collections::BTreeMap<String, f64> = Default::default();
+    let mut total_idle = 0.0;
+    for (w, b) in busy.iter().enumerate() {
+        let idle = (capacity - b).max(0.0);
+        total_idle += idle;
+        let around: Vec<String> = kinds[w].iter().map(|(k, n)| format!("{n} {k}")).collect();
+        let label = kinds[w].keys().copied().collect::<Vec<_>>().join(" + ");
+        *idle_by
+            .entry(if label.is_empty() {
+                "nothing arrived".into()
+            } else {
+                label
+            })
+            .or_default() += idle;
+        if b / capacity < 0.9 {
+            println!(
+                "  {:>6} ms: {:>3.0}% busy, arrived: {}",
+                w * 10,
+                b / capacity * 100.0,
+                if around.is_empty() {
+                    "-".into()
+                } else {
+                    around.join(", ")
+                }
+            );
+        }
+    }
+    println!(
+        "  idle slot time {:.0} ms of {:.0} ({:.1}%), by what arrived in its window: {}",
+        total_idle * 1e3,
+        capacity * busy.len() as f64 * 1e3,
+        total_idle / (capacity * busy.len() as f64) * 100.0,
+        idle_by
+            .iter()
+            .map(|(k, v)| format!("{k} {:.0} ms", v * 1e3))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// POSTs 11,000 users to the sink, `concurrency` at once, with nothing else to do (one fixed
@@ -471,8 +557,10 @@ async fn bench(db: &str, n: usize) {
     eprintln!("imported; syncing (RSS now {:.0} MB)", rss_mb());
 
     if std::env::var_os("BENCH_SLOW_ONLY").is_some() {
-        // For working on the 5 ms target alone.
+        // For working on the 5 ms target alone, with where its slots stood idle.
+        state.timeline.store(true, Ordering::Relaxed);
         let slow = slow_target(&store, &target, &state, addr).await;
+        print_idle_timeline(&state, target.concurrency);
         println!(
             "| {db} | {n} + {groups} | 5 ms target: {} |",
             slow.describe()
