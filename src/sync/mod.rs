@@ -608,10 +608,17 @@ impl Engine {
         // The job the last result's transaction claimed; when none, an ordinary claim looks
         // for the next phase's first job or one whose lease expired.
         let mut next = None;
+        // Armed before each ordinary claim: `notify_waiters` keeps no permit, so a job that
+        // finished between a fruitless claim and the wait below would otherwise leave this
+        // worker asleep for the whole timeout (at a phase's start, with the next phase's
+        // jobs ready).
+        let mut woken = std::pin::pin!(finished.notified());
         loop {
             let (claimed, turn) = match next.take() {
                 Some(claimed) => claimed,
                 None => {
+                    woken.set(finished.notified());
+                    woken.as_mut().enable();
                     let turn = self.claim_turn().await;
                     let job = self.store.claim_job(holder, lease, Some(run_id)).await?;
                     let turn = turn.keep_for(job.as_ref());
@@ -625,7 +632,7 @@ impl Engine {
                 // The rest is held by this process's other workers (the next phase waits for
                 // them) or by other processes; a dead one's lease expires and its job comes
                 // back.
-                let _ = tokio::time::timeout(Duration::from_millis(200), finished.notified()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), woken.as_mut()).await;
                 continue;
             };
             let new_phase = {
