@@ -5,7 +5,7 @@
 //! (`$N` placeholders, `ON CONFLICT`, `RETURNING` work on both), so each method is written once
 //! and `on_pool!` compiles its body for each backend.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -1551,17 +1551,20 @@ impl Store {
                 id: format!("groups {} to {}", first.id, last.id),
                 message: e.to_string(),
             })?;
-        let mut members = members.into_iter().peekable();
+        // Matched by id, not by walking both lists in step: the database orders ids by its
+        // collation, which need not be bytewise as Rust compares them (ICU or en_US on
+        // PostgreSQL sorts `g_a` before `g-b`), and a group passed over came out empty.
+        // Within a group the members keep the database's order.
+        let mut by_group: HashMap<String, Vec<Member>> = HashMap::with_capacity(rows.len());
+        for MemberRow(group_id, user_id, remote_id) in members {
+            by_group
+                .entry(group_id)
+                .or_default()
+                .push(Member { user_id, remote_id });
+        }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut list = Vec::new();
-            while let Some(MemberRow(group_id, user_id, remote_id)) =
-                members.next_if(|m| m.0 <= row.id)
-            {
-                if group_id == row.id {
-                    list.push(Member { user_id, remote_id });
-                }
-            }
+            let list = by_group.remove(&row.id).unwrap_or_default();
             let state = row.state.into_state(&row.id)?;
             let attributes = attrs(&row.id, &row.attributes)?;
             let group = Group {

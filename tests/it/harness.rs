@@ -38,6 +38,17 @@ pub async fn fresh_database(
     dir: &std::path::Path,
     test: &str,
 ) -> Option<(String, Option<String>)> {
+    fresh_database_with(db, dir, test, "").await
+}
+
+/// [`fresh_database`], a PostgreSQL database made with `CREATE DATABASE … <pg_options>`
+/// (another collation, say).
+pub async fn fresh_database_with(
+    db: Db,
+    dir: &std::path::Path,
+    test: &str,
+    pg_options: &str,
+) -> Option<(String, Option<String>)> {
     match db {
         Db::Sqlite => Some((format!("sqlite://{}", dir.join("test.db").display()), None)),
         Db::Postgres => {
@@ -46,10 +57,12 @@ pub async fn fresh_database(
             let pool = sqlx::PgPool::connect(&admin)
                 .await
                 .expect("connect to SCIMSYNC_TEST_POSTGRES");
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&pool)
-                .await
-                .expect("create test database");
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE {name} {pg_options}"
+            )))
+            .execute(&pool)
+            .await
+            .expect("create test database");
             pool.close().await;
             let mut url = reqwest::Url::parse(&admin).expect("SCIMSYNC_TEST_POSTGRES is a URL");
             url.set_path(&format!("/{name}"));
@@ -95,8 +108,19 @@ impl Env {
     }
 
     pub async fn with_sandbox(db: Db, test: &str, opts: SandboxOptions) -> Option<Env> {
+        Self::with_database(db, test, opts, "").await
+    }
+
+    /// [`Env::with_sandbox`] on a database made with `pg_options` (see
+    /// [`fresh_database_with`]).
+    pub async fn with_database(
+        db: Db,
+        test: &str,
+        opts: SandboxOptions,
+        pg_options: &str,
+    ) -> Option<Env> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (db_url, pg_name) = fresh_database(db, dir.path(), test).await?;
+        let (db_url, pg_name) = fresh_database_with(db, dir.path(), test, pg_options).await?;
         let store = Store::connect(&db_url).await.expect("connect and migrate");
         let sandbox = sandbox::start(opts).await.expect("sandbox");
         let mut target = TargetConfig::new("sandbox", &sandbox.url, Some(TOKEN.into()));

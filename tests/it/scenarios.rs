@@ -652,6 +652,69 @@ async fn a_first_sync_records_its_orphan_check_at_the_start(db: Db) {
     env.finish().await;
 }
 
+/// A PostgreSQL database whose default collation is not bytewise (ICU's English here, as
+/// `en_US.UTF-8` is on many servers) orders ids otherwise than Rust does: `g_a` before `g-b`,
+/// `ga` before `gA`. Every group still gets exactly its own members. (A batch's members were
+/// matched to its groups by walking both lists in the database's order while comparing ids
+/// by bytes: `g-b`'s member was passed over as it sorted before `g_a`, and the group was
+/// created empty.)
+#[tokio::test]
+async fn postgres_groups_get_their_members_whatever_the_collation() {
+    let opts = SandboxOptions {
+        patch: true,
+        ..SandboxOptions::with_token(crate::harness::TOKEN)
+    };
+    let Some(env) = Env::with_database(
+        Db::Postgres,
+        "groups_in_icu_collation",
+        opts,
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en'",
+    )
+    .await
+    else {
+        return;
+    };
+    let groups = [
+        ("g_a", "under", "u-1"),
+        ("g-b", "dash", "u-2"),
+        ("gA", "upper", "u-3"),
+        ("ga", "lower", "u-4"),
+    ];
+    let mut lines = String::new();
+    for (i, (_, _, user)) in groups.iter().enumerate() {
+        lines.push_str(&format!(
+            "{{\"kind\":\"user\",\"id\":\"{user}\",\"username\":\"user{i}\"}}\n"
+        ));
+    }
+    for (id, name, user) in groups {
+        lines.push_str(&format!(
+            "{{\"kind\":\"group\",\"id\":\"{id}\",\"name\":\"{name}\",\"members\":[\"{user}\"]}}\n"
+        ));
+    }
+    env.import(&lines).await;
+    let order = env
+        .host_i64("SELECT CASE WHEN 'g_a' < 'g-b' AND 'ga' < 'gA' THEN 1::bigint ELSE 0 END")
+        .await;
+    assert_eq!(order, 1, "the database orders ids otherwise than bytes");
+    let s = env.sync().await;
+    assert_eq!(s.failed, 0, "{s:?}");
+    for (i, (id, name, _)) in groups.iter().enumerate() {
+        let group = env
+            .remote_group(name)
+            .unwrap_or_else(|| panic!("{id} provisioned"));
+        let members: Vec<&str> = group["members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["value"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            members,
+            vec![env.rid(&format!("user{i}")).as_str()],
+            "{id}'s members"
+        );
+    }
+    env.finish().await;
+}
+
 on_both_databases!(
     a_first_sync_records_its_orphan_check_at_the_start,
     first_sync_creates_everything,
