@@ -712,6 +712,10 @@ async fn postgres_groups_get_their_members_whatever_the_collation() {
             "{id}'s members"
         );
     }
+    // And the next run finds every group as sent: nothing to write.
+    let (again, writes) = env.sync_writes().await;
+    assert_eq!(again.failed, 0, "{again:?}");
+    assert!(writes.is_empty(), "a second run wrote {writes:?}");
     env.finish().await;
 }
 
