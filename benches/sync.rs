@@ -153,13 +153,19 @@ async fn sink(
     }
 }
 
-/// utime + stime from a /proc stat file, in seconds (100 clock ticks a second on Linux).
-fn stat_cpu(path: &std::path::Path) -> f64 {
+/// The sum of `fields` (clock ticks, counted after the command's closing parenthesis) of a
+/// /proc stat file, in seconds (100 ticks a second on Linux).
+fn stat_seconds(path: &std::path::Path, fields: &[usize]) -> f64 {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
+    fields.iter().map(|&i| ticks(i)).sum::<f64>() / 100.0
+}
+
+/// utime + stime from a /proc stat file, in seconds.
+fn stat_cpu(path: &std::path::Path) -> f64 {
+    stat_seconds(path, &[11, 12])
 }
 
 /// CPU seconds of the PostgreSQL server's processes on this machine (backends, writers,
@@ -172,11 +178,8 @@ fn postgres_cpu_seconds() -> Option<f64> {
         if comm.trim() != "postgres" {
             continue;
         }
-        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        *total.get_or_insert(0.0) += (ticks(11) + ticks(12) + ticks(13) + ticks(14)) / 100.0;
+        // utime, stime and the children's (cutime, cstime).
+        *total.get_or_insert(0.0) += stat_seconds(&p.path().join("stat"), &[11, 12, 13, 14]);
     }
     total
 }
