@@ -424,18 +424,25 @@ async fn workers_wait_for_the_settling_pass(db: Db) {
     env.finish().await;
 }
 
+/// A PostgreSQL environment (None when skipped) with `USERS` imported and synced: three
+/// objects created, so the sandbox target's users have remote ids.
+async fn postgres_with_users_provisioned(test: &str) -> Option<Env> {
+    let env = Env::new(Db::Postgres, test).await?;
+    env.import(USERS).await;
+    let (s, _) = env.sync_writes().await;
+    assert_eq!(s.created, 3, "{s:?}");
+    Some(env)
+}
+
 /// On PostgreSQL, transactions that move remote ids on one target do not wait for each
 /// other's commit (the member epoch's stripes, migration 0011): a second connection's write
 /// goes through while the first's transaction is open, and the epoch moves with each commit.
 #[tokio::test]
 async fn postgres_epoch_bumps_do_not_wait_for_each_other() {
     use sqlx::Connection;
-    let Some(env) = Env::new(Db::Postgres, "epoch_stripes").await else {
+    let Some(env) = postgres_with_users_provisioned("epoch_stripes").await else {
         return;
     };
-    env.import(USERS).await;
-    let (s, _) = env.sync_writes().await;
-    assert_eq!(s.created, 3, "{s:?}");
     let epoch = || member_epoch(&env);
     async fn pid(conn: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
         sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -501,12 +508,9 @@ async fn postgres_epoch_bumps_do_not_wait_for_each_other() {
 #[tokio::test]
 async fn postgres_a_transaction_bumps_the_epoch_once() {
     use sqlx::Connection;
-    let Some(env) = Env::new(Db::Postgres, "epoch_once").await else {
+    let Some(env) = postgres_with_users_provisioned("epoch_once").await else {
         return;
     };
-    env.import(USERS).await;
-    let (s, _) = env.sync_writes().await;
-    assert_eq!(s.created, 3, "{s:?}");
     let mut conn = sqlx::PgConnection::connect(&env.db_url)
         .await
         .expect("connect");
