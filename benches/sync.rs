@@ -18,8 +18,9 @@
 //! For profiling one part: BENCH_FULL_ONLY=1 (the first sync alone, with its CPU per object
 //! split by thread), BENCH_NOOP_ONLY=1 (three no-op resyncs after the first sync, the last's CPU
 //! split by thread), BENCH_SLOW_ONLY=1 (the 5 ms target alone), BENCH_DBS=sqlite,
-//! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" (statements run on the bench's PostgreSQL
-//! database after its migrations: for trying a schema change without writing a migration),
+//! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" / BENCH_SQLITE_SQL="…" (statements run on
+//! the bench's PostgreSQL / SQLite database after its migrations: for trying a schema change
+//! without writing a migration),
 //! BENCH_KEEP_DB=1 (keeps that database).
 
 use std::collections::HashMap;
@@ -520,13 +521,21 @@ async fn bench(db: &str, n: usize) {
         return;
     };
     let store = Store::connect(&url).await.expect("database");
-    // For trying a change to PostgreSQL's schema or settings without a migration.
+    // For trying a change to a schema or settings without a migration.
     if let (Some(_), Ok(sql)) = (&pg_name, std::env::var("BENCH_PG_SQL")) {
         let pool = sqlx::PgPool::connect(&url).await.expect("database");
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
             .execute(&pool)
             .await
             .expect("BENCH_PG_SQL");
+        pool.close().await;
+    }
+    if let (None, Ok(sql)) = (&pg_name, std::env::var("BENCH_SQLITE_SQL")) {
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("database");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&pool)
+            .await
+            .expect("BENCH_SQLITE_SQL");
         pool.close().await;
     }
     let state = Arc::new(Sink::default());
