@@ -15,10 +15,15 @@ pub async fn discover(
     cfg: &TargetConfig,
     write_cache: bool,
 ) -> Effective {
-    let spc = cached(store, client, cfg, "spc", write_cache, || {
-        client.service_provider_config()
-    })
-    .await;
+    // Both documents at once: a cold start waits for one round trip to the target, not two.
+    let (spc, types) = tokio::join!(
+        cached(store, client, cfg, "spc", write_cache, || {
+            client.service_provider_config()
+        }),
+        cached(store, client, cfg, "resource_types", write_cache, || {
+            client.discovery("ResourceTypes")
+        })
+    );
     let caps = match spc {
         Some(v) if v.is_object() => Capabilities::from_spc(&v),
         Some(_) => {
@@ -36,10 +41,6 @@ pub async fn discover(
     {
         client.apply_refusals(&refused);
     }
-    let types = cached(store, client, cfg, "resource_types", write_cache, || {
-        client.discovery("ResourceTypes")
-    })
-    .await;
     let groups = types.as_ref().and_then(groups_offered).unwrap_or(true);
     Effective::new(&caps, &client.profile, &cfg.capabilities, groups)
 }

@@ -247,3 +247,73 @@ async fn huge_bodies_are_refused_not_buffered() {
     assert!(err.to_string().contains("exceeds"), "{err}");
     assert_eq!(s.arrivals.lock().expect("lock").len(), 1, "not retried");
 }
+
+/// Discovery asks for ServiceProviderConfig and ResourceTypes at once: this target answers
+/// ServiceProviderConfig only once ResourceTypes has been asked for (or after 10 s, and then
+/// says so), so asking one after the other would show here.
+#[tokio::test]
+async fn discovery_reads_both_documents_at_once() {
+    let types_asked = Arc::new(tokio::sync::Notify::new());
+    let spc_waited_in_vain = Arc::new(Mutex::new(None));
+    let (asked, in_vain) = (types_asked.clone(), spc_waited_in_vain.clone());
+    let app = axum::Router::new()
+        .route(
+            "/scim/v2/ServiceProviderConfig",
+            axum::routing::get(move || {
+                let (asked, in_vain) = (asked.clone(), in_vain.clone());
+                async move {
+                    let waited = tokio::time::timeout(Duration::from_secs(10), asked.notified());
+                    *in_vain.lock().expect("lock") = Some(waited.await.is_err());
+                    axum::Json(json!({"patch": {"supported": true}, "filter": {"supported": true, "maxResults": 50}}))
+                }
+            }),
+        )
+        .route(
+            "/scim/v2/ResourceTypes",
+            axum::routing::get(move || {
+                // notify_one keeps a permit: an SPC request arriving after this one finds it.
+                types_asked.notify_one();
+                async {
+                    axum::Json(json!({"Resources": [
+                        {"name": "User", "endpoint": "/Users", "schema": scimsync::scim::USER_SCHEMA}
+                    ]}))
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = scimsync::store::Store::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("discovery.db").display()
+    ))
+    .await
+    .expect("store");
+    let cfg = {
+        let mut t = TargetConfig::new(
+            "discovery",
+            &format!("http://{addr}/scim/v2"),
+            Some("t".into()),
+        );
+        t.timeout_seconds = 30;
+        t
+    };
+    let client = TargetClient::new(&cfg).expect("client");
+    let eff = scimsync::sync::discover(&store, &client, &cfg, true).await;
+    assert_eq!(
+        *spc_waited_in_vain.lock().expect("lock"),
+        Some(false),
+        "ResourceTypes was asked for while ServiceProviderConfig was unanswered"
+    );
+    assert!(
+        eff.patch && eff.filter,
+        "from ServiceProviderConfig: {eff:?}"
+    );
+    assert!(!eff.groups, "from ResourceTypes (Users only): {eff:?}");
+    store.close().await;
+}
