@@ -408,6 +408,12 @@ enum Plan {
     },
 }
 
+/// Whether an object with this state would be created for the first time: never sent, nor
+/// attempted with a recorded resource.
+fn first_create(state: Option<&SyncState>) -> bool {
+    state.is_none_or(|s| s.remote_id.is_none() && s.last_resource.is_none())
+}
+
 impl Prepared {
     /// The write-ahead record this object needs before its POST, if it is a first create
     /// (one attempted before is looked for first, and recorded only then).
@@ -415,9 +421,7 @@ impl Prepared {
         let Plan::Resource { desired, .. } = &self.plan else {
             return None;
         };
-        let state = self.state.as_ref();
-        let first_create = state.is_none_or(|s| s.remote_id.is_none() && s.last_resource.is_none());
-        if !first_create {
+        if !first_create(self.state.as_ref()) {
             return None;
         }
         self.w.attempt_recorded = true;
@@ -1078,25 +1082,39 @@ impl Engine {
                 self.store.apply_state(&target, rekeys).await?;
             }
             let mut steps = Vec::with_capacity(changed.len());
+            let mut census = None;
             if let (Some(first), Some(last_changed)) = (first, last_changed) {
                 // The others are read in full: members, state, the resource last sent.
                 let from = match first {
                     0 => scanned_after.as_str(),
                     i => scan[i - 1].0.as_str(),
                 };
-                let batch = self
+                let batch: Vec<_> = self
                     .store
                     .group_batch(&target, from, Some(&scan[last_changed].0), u32::MAX)
-                    .await?;
-                let batch = batch
+                    .await?
                     .into_iter()
-                    .filter(|(g, ..)| changed.contains(g.id.as_str()));
-                for (i, (g, rev, m, s)) in batch.enumerate() {
-                    steps.push(self.prepare_group(g, rev, m, s, leaving_users));
-                    yield_sometimes(i).await;
-                }
+                    .filter(|(g, ..)| changed.contains(g.id.as_str()))
+                    .collect();
+                // The census is read while the groups are mapped and their write-ahead
+                // records written: it needs only to know how many may be created (a script
+                // may still skip some, then it was read for fewer).
+                let creates = batch
+                    .iter()
+                    .filter(|(.., s)| first_create(s.as_ref()))
+                    .count();
+                let prepare = async {
+                    for (i, (g, rev, m, s)) in batch.into_iter().enumerate() {
+                        steps.push(self.prepare_group(g, rev, m, s, leaving_users));
+                        yield_sometimes(i).await;
+                    }
+                    self.record_attempts(&mut steps).await
+                };
+                let (read, recorded) = tokio::join!(self.take_census(creates), prepare);
+                recorded?;
+                census = read;
             }
-            let reports = self.run_batch(steps).await?;
+            let reports = self.send_batch(steps, census).await?;
             self.absorb(reports, summary, leaving).await?;
             progress.advance(n);
             if n < u64::from(self.opts.batch_size) || until == Some(after.as_str()) {
@@ -1742,7 +1760,16 @@ impl Engine {
     /// with the target's concurrency, their outcomes recorded in one transaction.
     async fn run_batch(&self, mut steps: Vec<Step>) -> Result<Vec<ObjectReport>, SyncError> {
         self.record_attempts(&mut steps).await?;
-        let census = self.take_census(&steps).await;
+        self.send_batch(steps, None).await
+    }
+
+    /// Sends a batch whose write-ahead records are written (`census`: the target's groups,
+    /// when read for it), then records the outcomes in one transaction.
+    async fn send_batch(
+        &self,
+        mut steps: Vec<Step>,
+        census: Option<census::Census>,
+    ) -> Result<Vec<ObjectReport>, SyncError> {
         let mut reports = Vec::with_capacity(steps.len());
         if self.bulk_enabled() {
             steps = self.send_bulk(steps, &mut reports).await;
@@ -1760,13 +1787,9 @@ impl Engine {
     /// Reads the target's groups once for a batch that creates several (see `census`), when
     /// that costs fewer requests than looking each up: a page per `page` groups against up to
     /// two lookups a group.
-    async fn take_census(&self, steps: &[Step]) -> Option<census::Census> {
+    async fn take_census(&self, creates: usize) -> Option<census::Census> {
         use std::sync::atomic::Ordering::Relaxed;
-        let creates = steps
-            .iter()
-            .filter(|s| matches!(s, Step::Send(p) if p.kind == Kind::Group && p.w.attempt_recorded))
-            .count();
-        if creates < 2 || !self.eff.groups || !self.eff.list_groups {
+        if creates < 2 || self.opts.dry_run || !self.eff.groups || !self.eff.list_groups {
             return None;
         }
         let page = self.listing_page();
