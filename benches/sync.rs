@@ -21,7 +21,7 @@
 //! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" / BENCH_SQLITE_SQL="…" (statements run on
 //! the bench's PostgreSQL / SQLite database after its migrations: for trying a schema change
 //! without writing a migration),
-//! BENCH_KEEP_DB=1 (keeps that database).
+//! BENCH_KEEP_DB=1 (keeps that database; SQLite's file goes to the temporary directory).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -500,7 +500,19 @@ fn peak_rss_mb() -> f64 {
 
 async fn database(kind: &str, dir: &std::path::Path) -> Option<(String, Option<String>)> {
     if kind == "sqlite" {
-        return Some((format!("sqlite://{}", dir.join("bench.db").display()), None));
+        // BENCH_KEEP_DB: outside the temporary directory, which goes at the end.
+        let file = match std::env::var_os("BENCH_KEEP_DB") {
+            Some(_) => {
+                let file = std::env::temp_dir().join(format!(
+                    "scimsync_bench_{}.db",
+                    uuid::Uuid::new_v4().simple()
+                ));
+                eprintln!("keeping database {}", file.display());
+                file
+            }
+            None => dir.join("bench.db"),
+        };
+        return Some((format!("sqlite://{}", file.display()), None));
     }
     let admin = std::env::var("SCIMSYNC_TEST_POSTGRES").ok()?;
     let name = format!("scimsync_bench_{}", uuid::Uuid::new_v4().simple());
