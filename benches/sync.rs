@@ -534,21 +534,21 @@ async fn bench(db: &str, n: usize) {
     };
     let store = Store::connect(&url).await.expect("database");
     // For trying a change to a schema or settings without a migration.
-    if let (Some(_), Ok(sql)) = (&pg_name, std::env::var("BENCH_PG_SQL")) {
-        let pool = sqlx::PgPool::connect(&url).await.expect("database");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .expect("BENCH_PG_SQL");
-        pool.close().await;
+    macro_rules! bench_sql {
+        ($pool:ty, $var:literal) => {
+            if let Ok(sql) = std::env::var($var) {
+                let pool = <$pool>::connect(&url).await.expect("database");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&pool)
+                    .await
+                    .expect($var);
+                pool.close().await;
+            }
+        };
     }
-    if let (None, Ok(sql)) = (&pg_name, std::env::var("BENCH_SQLITE_SQL")) {
-        let pool = sqlx::SqlitePool::connect(&url).await.expect("database");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&pool)
-            .await
-            .expect("BENCH_SQLITE_SQL");
-        pool.close().await;
+    match pg_name {
+        Some(_) => bench_sql!(sqlx::PgPool, "BENCH_PG_SQL"),
+        None => bench_sql!(sqlx::SqlitePool, "BENCH_SQLITE_SQL"),
     }
     let state = Arc::new(Sink::default());
     let addr = start_sink(state.clone());

@@ -42,6 +42,15 @@ async fn scripted(responses: Vec<Canned>) -> Script {
             resp
         }
     });
+    let addr = serve(app).await;
+    Script {
+        url: format!("http://{addr}/scim/v2"),
+        arrivals,
+    }
+}
+
+/// Serves `app` on a loopback port of its own.
+async fn serve(app: axum::Router) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -49,10 +58,7 @@ async fn scripted(responses: Vec<Canned>) -> Script {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Script {
-        url: format!("http://{addr}/scim/v2"),
-        arrivals,
-    }
+    addr
 }
 
 fn client(url: &str) -> TargetClient {
@@ -205,13 +211,7 @@ async fn basic_auth_sends_the_credentials() {
             .to_string();
         axum::Json(json!({"id": "x", "auth": auth}))
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve(app).await;
     let mut t = TargetConfig::new("basic", &format!("http://{addr}/scim/v2"), None);
     t.auth = scimsync::config::AuthConfig {
         mode: scimsync::config::AuthMode::Basic,
@@ -280,13 +280,7 @@ async fn discovery_reads_both_documents_at_once() {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = scimsync::store::Store::connect(&format!(
         "sqlite://{}",
