@@ -21,7 +21,8 @@
 //! BENCH_WORKERS=n, BENCH_BULK=1, BENCH_PG_SQL="…" / BENCH_SQLITE_SQL="…" (statements run on
 //! the bench's PostgreSQL / SQLite database after its migrations: for trying a schema change
 //! without writing a migration),
-//! BENCH_KEEP_DB=1 (keeps that database; SQLite's file goes to the temporary directory).
+//! BENCH_KEEP_DB=1 (keeps that database; SQLite's file goes to the temporary directory),
+//! BENCH_MAPPINGS=DIR (that mappings folder instead of the shipped default scripts).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -552,14 +553,21 @@ async fn bench(db: &str, n: usize) {
     }
     let state = Arc::new(Sink::default());
     let addr = start_sink(state.clone());
-    let mappings = dir.path().join("mappings");
-    for (kind, (name, text)) in [
-        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
-        std::fs::write(mappings.join(kind).join(name), text).expect("write");
-    }
+    // BENCH_MAPPINGS: an operator's own scripts, to see what they cost.
+    let mappings = match std::env::var_os("BENCH_MAPPINGS") {
+        Some(own) => std::path::PathBuf::from(own),
+        None => {
+            let mappings = dir.path().join("mappings");
+            for (kind, (name, text)) in [
+                ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
+                ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
+            ] {
+                std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
+                std::fs::write(mappings.join(kind).join(name), text).expect("write");
+            }
+            mappings
+        }
+    };
     let mut target = TargetConfig::new("sink", &format!("http://{addr}/scim/v2"), Some("t".into()));
     target.mappings = mappings;
     target.exclude_service_accounts = false;

@@ -682,6 +682,58 @@ mod tests {
     }
 
     #[test]
+    fn the_default_user_script_maps_as_its_earlier_text_did() {
+        // The default was rewritten to read each attribute once (fewer map look-ups); a
+        // resource that came out differently would be re-sent to every target after an
+        // upgrade. Users with and without each optional attribute, empty ones included.
+        let earlier = r#"// Core SCIM User attributes (RFC 7643 section 4.1) from the directory user.
+// Later scripts in this folder run after this one and are deep-merged over its result.
+let doc = #{
+    userName: user.username,
+    externalId: user.id,
+    active: user.active,
+};
+
+doc.displayName = if user.name != () && user.name != "" { user.name } else { user.username };
+
+let name = #{};
+if user.name != () { name.formatted = user.name; }
+if user.given_name != () { name.givenName = user.given_name; }
+if user.family_name != () { name.familyName = user.family_name; }
+if name.len() > 0 { doc.name = name; }
+
+if user.email != () && user.email != "" {
+    doc.emails = [#{ value: user.email, type: "work", primary: true }];
+}
+
+let attrs = user.attributes;
+if attrs.locale != () { doc.locale = attrs.locale; }
+if attrs.phone != () { doc.phoneNumbers = [#{ value: attrs.phone, type: "work" }]; }
+
+doc
+"#;
+        let now = Mappings::defaults().expect("defaults compile");
+        let then = user_scripts(&[("10-core.rhai", earlier)]);
+        let users = [
+            json!({"id": "u-1", "username": "alice", "email": "a@example.com", "name": "Alice Smith",
+                   "given_name": "Alice", "family_name": "Smith",
+                   "attributes": {"locale": "en-US", "phone": "+1 555 0100", "other": 1}}),
+            json!({"id": "u-2", "username": "bob"}),
+            json!({"id": "u-3", "username": "carol", "name": "", "email": "", "active": false}),
+            json!({"id": "u-4", "username": "dan", "given_name": "Dan", "attributes": {"phone": "1"}}),
+            json!({"id": "u-5", "username": "eve", "family_name": "Eve", "attributes": {"locale": "fr"}}),
+        ];
+        for u in users {
+            let user: User = serde_json::from_value(u.clone()).expect("user");
+            let text = |m: &Mappings| match m.map_user(&user, &target()).expect("maps") {
+                MapOutcome::Resource(doc) => serde_json::to_string(&doc).expect("text"),
+                MapOutcome::Skip { .. } => panic!("skipped {u}"),
+            };
+            assert_eq!(text(&now), text(&then), "{u}");
+        }
+    }
+
+    #[test]
     fn later_scripts_deep_merge_and_clear() {
         let m = user_scripts(&[
             (
