@@ -556,17 +556,7 @@ async fn bench(db: &str, n: usize) {
     // BENCH_MAPPINGS: an operator's own scripts, to see what they cost.
     let mappings = match std::env::var_os("BENCH_MAPPINGS") {
         Some(own) => std::path::PathBuf::from(own),
-        None => {
-            let mappings = dir.path().join("mappings");
-            for (kind, (name, text)) in [
-                ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-                ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-            ] {
-                std::fs::create_dir_all(mappings.join(kind)).expect("mkdir");
-                std::fs::write(mappings.join(kind).join(name), text).expect("write");
-            }
-            mappings
-        }
+        None => scimsync::mapping::write_defaults(dir.path()).expect("write mappings"),
     };
     let mut target = TargetConfig::new("sink", &format!("http://{addr}/scim/v2"), Some("t".into()));
     target.mappings = mappings;

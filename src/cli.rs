@@ -962,14 +962,8 @@ async fn demo(dir: Option<PathBuf>, users: usize) -> Result<ExitCode> {
         ))
         .into());
     }
-    for (kind, (name, text)) in [
-        ("user", crate::mapping::DEFAULT_USER_SCRIPT),
-        ("group", crate::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        let d = dir.join("mappings").join(kind);
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(d.join(name), text)?;
-    }
+    crate::mapping::write_defaults(&dir)
+        .with_context(|| format!("cannot write the default mappings into {}", dir.display()))?;
     let token = uuid::Uuid::new_v4().to_string();
     let sb = sandbox::start(SandboxOptions::with_token(&token)).await?;
     println!("1. sandbox SCIM service provider on {}", sb.url);

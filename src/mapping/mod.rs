@@ -28,6 +28,20 @@ pub const DEFAULT_GROUP_SCRIPT: (&str, &str) = (
     include_str!("../../mappings/group/10-core.rhai"),
 );
 
+/// Writes the shipped default scripts into `dir/mappings` (`user/` and `group/`) and returns
+/// that folder: the demo's mappings, and the bench's and the tests'.
+pub fn write_defaults(dir: &Path) -> std::io::Result<PathBuf> {
+    let mappings = dir.join("mappings");
+    for (kind, (name, text)) in [
+        ("user", DEFAULT_USER_SCRIPT),
+        ("group", DEFAULT_GROUP_SCRIPT),
+    ] {
+        std::fs::create_dir_all(mappings.join(kind))?;
+        std::fs::write(mappings.join(kind).join(name), text)?;
+    }
+    Ok(mappings)
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MappingError {
     #[error("cannot read mappings: {path}: {message}")]

@@ -282,15 +282,7 @@ impl Env {
 
 /// Writes the shipped default mappings into `dir/mappings`; returns that folder.
 pub fn write_default_mappings(dir: &std::path::Path) -> PathBuf {
-    let mappings = dir.join("mappings");
-    for (kind, (name, text)) in [
-        ("user", scimsync::mapping::DEFAULT_USER_SCRIPT),
-        ("group", scimsync::mapping::DEFAULT_GROUP_SCRIPT),
-    ] {
-        std::fs::create_dir_all(mappings.join(kind)).expect("mappings dir");
-        std::fs::write(mappings.join(kind).join(name), text).expect("write mapping");
-    }
-    mappings
+    scimsync::mapping::write_defaults(dir).expect("write mappings")
 }
 
 /// Directory records as import JSON Lines.
