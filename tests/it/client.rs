@@ -11,6 +11,8 @@ use scimsync::scim::{Capabilities, PatchOperation};
 use scimsync::target::{TargetClient, TargetError};
 use serde_json::json;
 
+use crate::harness::{Db, fresh_database};
+
 type Canned = (u16, Vec<(&'static str, &'static str)>, String);
 
 /// Answers each request with the next canned response (the last one repeats) and records when
@@ -282,12 +284,14 @@ async fn discovery_reads_both_documents_at_once() {
         );
     let addr = serve(app).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = scimsync::store::Store::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("discovery.db").display()
-    ))
+    let (url, _) = fresh_database(
+        Db::Sqlite,
+        dir.path(),
+        "discovery_reads_both_documents_at_once",
+    )
     .await
-    .expect("store");
+    .expect("SQLite needs no set-up");
+    let store = scimsync::store::Store::connect(&url).await.expect("store");
     let cfg = {
         let mut t = TargetConfig::new(
             "discovery",
