@@ -10,16 +10,20 @@
 //! answer is read.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 
-use tokio_util::task::AbortOnDropHandle;
+use tokio::sync::{mpsc, oneshot};
 
-/// The runtime of the I/O thread, started on first use; None when it could not be started
-/// (then exchanges run on the caller's runtime, as before).
-fn runtime() -> Option<&'static tokio::runtime::Handle> {
-    static IO: OnceLock<Option<tokio::runtime::Handle>> = OnceLock::new();
+/// An exchange handed to the I/O thread, with its answer's way back.
+type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The I/O thread's queue of exchanges, started on first use; None when it could not be
+/// started (then exchanges run on the caller's runtime, as before).
+fn queue() -> Option<&'static mpsc::UnboundedSender<Job>> {
+    static IO: OnceLock<Option<mpsc::UnboundedSender<Job>>> = OnceLock::new();
     IO.get_or_init(|| match start() {
-        Ok(handle) => Some(handle),
+        Ok(queue) => Some(queue),
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the HTTP I/O thread; requests run on the engine's thread");
             None
@@ -28,17 +32,37 @@ fn runtime() -> Option<&'static tokio::runtime::Handle> {
     .as_ref()
 }
 
-fn start() -> std::io::Result<tokio::runtime::Handle> {
+/// Why a queue and not `Handle::spawn`: spawning onto a runtime from another thread writes to
+/// its eventfd every time (tokio's current-thread scheduler wakes its driver unconditionally),
+/// a system call per request on the engine's thread and a wake-up on this one. The queue wakes
+/// the I/O thread only when it waits for work: requests queued while it runs cost nothing more.
+fn start() -> std::io::Result<mpsc::UnboundedSender<Job>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let handle = rt.handle().clone();
+    let (queue, mut jobs) = mpsc::unbounded_channel::<Job>();
     std::thread::Builder::new()
         .name("scimsync-http".into())
         // The runtime lives as long as the process: connections in the clients' pools belong
         // to it.
-        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
-    Ok(handle)
+        .spawn(move || {
+            rt.block_on(async move {
+                while let Some(job) = jobs.recv().await {
+                    // Spawned from this thread: no wake-up needed.
+                    tokio::spawn(job);
+                }
+            })
+        })?;
+    Ok(queue)
+}
+
+/// Stops an exchange when its waiter goes away.
+struct AbortOnDrop(futures::future::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs an exchange on the I/O thread and waits for it. Dropping the returned future stops the
@@ -48,12 +72,24 @@ where
     F: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    match runtime() {
-        Some(rt) => AbortOnDropHandle::new(rt.spawn(fut))
-            .await
-            .map_err(|e| format!("HTTP exchange failed: {e}")),
-        None => Ok(fut.await),
+    let Some(queue) = queue() else {
+        return Ok(fut.await);
+    };
+    let (answer, answered) = oneshot::channel();
+    let (fut, abort) = futures::future::abortable(fut);
+    let job: Job = Box::pin(async move {
+        if let Ok(v) = fut.await {
+            let _ = answer.send(v);
+        }
+    });
+    let _stop = AbortOnDrop(abort);
+    if queue.send(job).is_err() {
+        return Err("HTTP exchange failed: the I/O thread is gone".into());
     }
+    // A panic drops the answer's sender unsent.
+    answered
+        .await
+        .map_err(|_| "HTTP exchange failed: the exchange panicked".to_string())
 }
 
 #[cfg(test)]
@@ -66,6 +102,22 @@ mod tests {
             .await
             .expect("exchange");
         assert_eq!(name.as_deref(), Some("scimsync-http"));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_exchange_is_an_error_not_a_hang() {
+        let failed = exchange(async {
+            if std::thread::current().name() == Some("scimsync-http") {
+                panic!("deliberate");
+            }
+        })
+        .await;
+        assert_eq!(
+            failed,
+            Err("HTTP exchange failed: the exchange panicked".to_string())
+        );
+        // The thread goes on taking exchanges.
+        assert_eq!(exchange(async { 7 }).await, Ok(7));
     }
 
     #[tokio::test]
