@@ -137,7 +137,15 @@ pub struct LiveMappings {
     current: RwLock<(Arc<Mappings>, String)>,
     /// The fingerprint of the last broken edit, so its error is reported once.
     broken: Mutex<Option<String>>,
+    /// When the folder was last looked at (see `refresh_due`).
+    looked: Mutex<Option<Instant>>,
 }
+
+/// How often batches and change events look at the mappings folder. A look costs a few
+/// system calls per script and a hash of every script (tens of microseconds): before each
+/// batch it was 2% of the engine's thread in a first sync (`perf`), and before each change
+/// event it would be more.
+pub const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 impl LiveMappings {
     pub fn load(dir: &Path) -> Result<LiveMappings, MappingError> {
@@ -147,6 +155,7 @@ impl LiveMappings {
             dir: Some(dir.to_path_buf()),
             current: RwLock::new((Arc::new(m), fingerprint(&user, &group))),
             broken: Mutex::new(None),
+            looked: Mutex::new(Some(Instant::now())),
         })
     }
 
@@ -156,6 +165,7 @@ impl LiveMappings {
             dir: None,
             current: RwLock::new((Arc::new(m), String::new())),
             broken: Mutex::new(None),
+            looked: Mutex::new(None),
         }
     }
 
@@ -181,6 +191,17 @@ impl LiveMappings {
         self.current.read().unwrap_or_else(|p| p.into_inner()).1 == version
     }
 
+    /// `refresh`, when the folder was last looked at `LOOK_EVERY` ago or more: for each batch
+    /// and each change event. Ok(false) without looking otherwise.
+    pub fn refresh_due(&self) -> Result<bool, MappingError> {
+        let recent = self
+            .looked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < LOOK_EVERY);
+        if recent { Ok(false) } else { self.refresh() }
+    }
+
     /// Re-reads the folder. Ok(true) when changed scripts were compiled and are now in use;
     /// an error (reported once per broken edit) when they do not compile: the last good version
     /// stays in use.
@@ -188,6 +209,7 @@ impl LiveMappings {
         let Some(dir) = &self.dir else {
             return Ok(false);
         };
+        *self.looked.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let (user, group) = read_sources(dir)?;
         let fp = fingerprint(&user, &group);
         if fp == self.version() {
@@ -968,6 +990,32 @@ doc
         );
         std::fs::write(&script, "#{ userName: \"v3\" }").expect("write");
         assert!(live.refresh().expect("fixed"));
+        assert_eq!(name(&live), "v3");
+    }
+
+    #[test]
+    fn batches_and_events_look_at_the_folder_once_a_second() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("user")).expect("mkdir");
+        let script = dir.path().join("user/10.rhai");
+        std::fs::write(&script, "#{ userName: \"v1\" }").expect("write");
+        let live = LiveMappings::load(dir.path()).expect("loads");
+        let name = |live: &LiveMappings| match live.current().map_user(&alice(), &target()) {
+            Ok(MapOutcome::Resource(d)) => d["userName"].as_str().unwrap_or_default().to_string(),
+            other => panic!("{other:?}"),
+        };
+        std::fs::write(&script, "#{ userName: \"v2\" }").expect("write");
+        // Loading was a look: the next one is due a second later.
+        assert!(!live.refresh_due().expect("not due"));
+        assert_eq!(name(&live), "v1");
+        // A look that is due (the last one a second ago) sees the edit.
+        *live.looked.lock().expect("lock") = Instant::now().checked_sub(LOOK_EVERY);
+        assert!(live.refresh_due().expect("due"));
+        assert_eq!(name(&live), "v2");
+        std::fs::write(&script, "#{ userName: \"v3\" }").expect("write");
+        assert!(!live.refresh_due().expect("looked just now"));
+        // A full sync's phases look whenever they start.
+        assert!(live.refresh().expect("forced"));
         assert_eq!(name(&live), "v3");
     }
 }

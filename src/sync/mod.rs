@@ -352,6 +352,15 @@ async fn yield_sometimes(i: usize) {
     }
 }
 
+/// When the engine looks at the mappings folder for edits.
+#[derive(Clone, Copy)]
+enum Look {
+    /// Now: a full sync's phase starts.
+    Now,
+    /// If the last look is `mapping::LOOK_EVERY` old: a batch or a change event.
+    IfDue,
+}
+
 /// One object of a batch after the work that needs no I/O: either done (unchanged, skipped,
 /// failed mapping) or ready to be sent.
 enum Step {
@@ -479,10 +488,15 @@ impl Engine {
         }
     }
 
-    /// Picks up edited mapping scripts between batches; a broken edit keeps the last good
-    /// version and is logged once.
-    fn refresh_mappings(&self) {
-        match self.mappings.refresh() {
+    /// Picks up edited mapping scripts: at the start of a full sync's phase (`Look::Now`), and
+    /// for batches and change events when the last look is `LOOK_EVERY` old (`Look::IfDue`).
+    /// A broken edit keeps the last good version and is logged once.
+    fn refresh_mappings(&self, look: Look) {
+        let refreshed = match look {
+            Look::Now => self.mappings.refresh(),
+            Look::IfDue => self.mappings.refresh_due(),
+        };
+        match refreshed {
             Ok(true) => {
                 tracing::info!(target = %self.cfg.name, "mapping scripts changed; reloaded")
             }
@@ -807,7 +821,7 @@ impl Engine {
         // The job of the users' or the groups' first range settles its phase's quiet batches,
         // in the claim turn it was claimed in (if any): no other claim comes first.
         if Self::opens_phase(job) {
-            self.refresh_mappings();
+            self.refresh_mappings(Look::Now);
             let fingerprint = self.fingerprint();
             if let Some(check) = self.quiet_check(job, &fingerprint) {
                 let settled = self.store.settle_quiet_jobs(job, check).await?;
@@ -934,7 +948,7 @@ impl Engine {
         let target = self.target().to_string();
         let mut after = after.to_string();
         loop {
-            self.refresh_mappings();
+            self.refresh_mappings(Look::IfDue);
             // Tracing wants every object's steps: then none is skipped by the scan.
             let fingerprint = (!self.opts.trace).then(|| self.fingerprint());
             let batch = self
@@ -1036,7 +1050,7 @@ impl Engine {
         let no_one = HashSet::new();
         let mut after = after.to_string();
         loop {
-            self.refresh_mappings();
+            self.refresh_mappings(Look::IfDue);
             let leaving_users = match &*leaving {
                 Leaving::Memory { users, .. } => users,
                 Leaving::Store => &no_one,
@@ -2513,6 +2527,7 @@ impl Engine {
 
     /// Provisions one user now (for `sync --user`), with a step-by-step trace.
     pub async fn sync_one(&self, kind: Kind, id: &str) -> Result<ObjectReport, SyncError> {
+        self.refresh_mappings(Look::IfDue);
         let target = self.target().to_string();
         let step = match kind {
             Kind::User => match self.store.user(&target, id).await? {

@@ -209,6 +209,29 @@ async fn edited_scripts_apply_to_a_running_engine() {
     env.finish().await;
 }
 
+/// The daemon's change events go through `sync_one`: an edit reaches them too, not only the
+/// next full sync (at most a second later: batches and events look at the folder once a
+/// second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_scripts_apply_to_change_events() {
+    let Some(env) = Env::new(Db::Sqlite, "edited_scripts_apply_to_change_events").await else {
+        return;
+    };
+    env.import(ONE).await;
+    let engine = env.engine(SyncOptions::default()).await;
+    let r = engine.sync_one(Kind::User, "u-1").await.expect("sync");
+    assert_eq!(r.action, scimsync::sync::Action::Created, "{r:?}");
+    env.write_mapping("user", "20-title.rhai", "#{ title: \"Engineer\" }");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = engine.sync_one(Kind::User, "u-1").await.expect("sync");
+    assert_eq!(r.action, scimsync::sync::Action::Updated, "{r:?}");
+    assert_eq!(
+        env.remote_user("alice").expect("alice")["title"],
+        "Engineer"
+    );
+    env.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_that_changes_no_resource_is_remembered() {
     let Some(env) = Env::new(Db::Sqlite, "edit_changes_no_resource").await else {
