@@ -961,17 +961,27 @@ doc
         assert_eq!(crate::scim::validate(Kind::User, &doc), Ok(()));
     }
 
-    #[test]
-    fn edited_scripts_are_reloaded_and_broken_edits_keep_the_last_good_version() {
+    /// A mappings folder with one user script mapping `userName` to "v1", loaded.
+    fn live_folder() -> (tempfile::TempDir, PathBuf, LiveMappings) {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("user")).expect("mkdir");
         let script = dir.path().join("user/10.rhai");
         std::fs::write(&script, "#{ userName: \"v1\" }").expect("write");
         let live = LiveMappings::load(dir.path()).expect("loads");
-        let name = |live: &LiveMappings| match live.current().map_user(&alice(), &target()) {
+        (dir, script, live)
+    }
+
+    /// The `userName` the folder's scripts map a user to now.
+    fn name(live: &LiveMappings) -> String {
+        match live.current().map_user(&alice(), &target()) {
             Ok(MapOutcome::Resource(d)) => d["userName"].as_str().unwrap_or_default().to_string(),
             other => panic!("{other:?}"),
-        };
+        }
+    }
+
+    #[test]
+    fn edited_scripts_are_reloaded_and_broken_edits_keep_the_last_good_version() {
+        let (_dir, script, live) = live_folder();
         assert_eq!(name(&live), "v1");
         assert!(!live.refresh().expect("unchanged"));
         let v1 = live.version();
@@ -995,15 +1005,7 @@ doc
 
     #[test]
     fn batches_and_events_look_at_the_folder_once_a_second() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("user")).expect("mkdir");
-        let script = dir.path().join("user/10.rhai");
-        std::fs::write(&script, "#{ userName: \"v1\" }").expect("write");
-        let live = LiveMappings::load(dir.path()).expect("loads");
-        let name = |live: &LiveMappings| match live.current().map_user(&alice(), &target()) {
-            Ok(MapOutcome::Resource(d)) => d["userName"].as_str().unwrap_or_default().to_string(),
-            other => panic!("{other:?}"),
-        };
+        let (_dir, script, live) = live_folder();
         std::fs::write(&script, "#{ userName: \"v2\" }").expect("write");
         // Loading was a look: the next one is due a second later.
         assert!(!live.refresh_due().expect("not due"));
