@@ -56,15 +56,6 @@ fn start() -> std::io::Result<mpsc::UnboundedSender<Job>> {
     Ok(queue)
 }
 
-/// Stops an exchange when its waiter goes away.
-struct AbortOnDrop(futures::future::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Runs an exchange on the I/O thread and waits for it. Dropping the returned future stops the
 /// exchange (a cancelled sync leaves nothing running). Err: the exchange panicked.
 pub(crate) async fn exchange<F, T>(fut: F) -> Result<T, String>
@@ -75,14 +66,17 @@ where
     let Some(queue) = queue() else {
         return Ok(fut.await);
     };
-    let (answer, answered) = oneshot::channel();
-    let (fut, abort) = futures::future::abortable(fut);
+    let (mut answer, answered) = oneshot::channel();
     let job: Job = Box::pin(async move {
-        if let Ok(v) = fut.await {
-            let _ = answer.send(v);
-        }
+        // The waiter gone (the answer's receiver dropped) stops the exchange. Looked at first,
+        // so a job whose waiter left before it ran never starts.
+        let v = tokio::select! {
+            biased;
+            () = answer.closed() => return,
+            v = fut => v,
+        };
+        let _ = answer.send(v);
     });
-    let _stop = AbortOnDrop(abort);
     if queue.send(job).is_err() {
         return Err("HTTP exchange failed: the I/O thread is gone".into());
     }
